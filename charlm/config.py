@@ -1,0 +1,93 @@
+"""Frozen, validated configuration records, convertible to and from plain dicts."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .errors import CharlmError
+
+CELLS = ("rnn", "gru", "lstm")
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _positive(name: str, value, integer: bool = True) -> None:
+    if integer and (not isinstance(value, int) or isinstance(value, bool)):
+        raise CharlmError(f"{name} must be a whole number, got {value!r}")
+    if not value > 0:
+        raise CharlmError(f"{name} must be positive, got {value!r}")
+
+
+def _from_dict(cls, d: dict):
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise CharlmError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cell: str = "lstm"
+    vocab_size: int = 0
+    embed: int = 64
+    hidden: int = 256
+    layers: int = 2
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise CharlmError(f"--cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        for name in ("embed", "hidden", "layers"):
+            _positive(f"--{name}", getattr(self, name))
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 0:  # 0: not known yet
+            raise CharlmError(f"vocab_size must be a whole number, got {self.vocab_size!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CharlmError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def gates(self) -> int:
+        return GATES[self.cell]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seq_len: int = 64
+    batch: int = 32
+    lr: float = 2e-3
+    optimizer: str = "adam"
+    clip: float = 5.0
+    steps: int = 0          # 0: not set
+    epochs: float = 0.0     # 0: not set
+    minutes: float = 0.0    # 0: not set
+    val_frac: float = 0.05
+    eval_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive("--seq-len", self.seq_len)
+        _positive("--batch", self.batch)
+        _positive("--lr", self.lr, integer=False)
+        _positive("--eval-every", self.eval_every)
+        if self.optimizer not in OPTIMIZERS:
+            raise CharlmError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.clip < 0:
+            raise CharlmError(f"--clip must be 0 (off) or positive, got {self.clip}")
+        for name in ("steps", "epochs", "minutes"):
+            if getattr(self, name) < 0:
+                raise CharlmError(f"--{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.val_frac < 0.5:
+            raise CharlmError(f"--val-frac must be between 0 and 0.5, got {self.val_frac}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return _from_dict(cls, d)

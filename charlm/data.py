@@ -1,0 +1,202 @@
+"""Vocabulary, corpus loading, and (T, N) windows for truncated BPTT.
+
+Character level: a token is one Unicode code point. The newline character is
+always in the vocabulary: it ends a line (the end-of-sentence token) and, fed
+as the first input from the zero state, it is the begin-of-text context (like
+KenLM's <s>) for sampling and scoring.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CharlmError
+
+EOS_CHAR = "\n"
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned integer type that holds every id."""
+    if vocab_size <= 1 << 8:
+        return np.dtype(np.uint8)
+    if vocab_size <= 1 << 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32)
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """An ordered token list; a token's id is its index."""
+    tokens: tuple[str, ...]
+    level: str = "char"
+
+    def __post_init__(self):
+        if self.level != "char":
+            raise CharlmError(f"unknown vocabulary level {self.level!r}")
+        if len(set(self.tokens)) != len(self.tokens):
+            raise CharlmError("vocabulary has duplicate tokens")
+        object.__setattr__(self, "_index", {t: i for i, t in enumerate(self.tokens)})
+
+    @classmethod
+    def from_text(cls, text: str) -> "Vocab":
+        return cls(tuple(sorted(set(text) | {EOS_CHAR})), "char")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def eos_id(self) -> int:
+        return self._index[EOS_CHAR]
+
+    def id_of(self, token: str) -> int | None:
+        return self._index.get(token)
+
+    def encode(self, text: str) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """ids (int32) of the in-vocabulary characters, and the (offset, char)
+        of each character that is not in the vocabulary (left out of ids)."""
+        index = self._index
+        ids = []
+        oov = []
+        for pos, ch in enumerate(text):
+            i = index.get(ch)
+            if i is None:
+                oov.append((pos, ch))
+            else:
+                ids.append(i)
+        return np.array(ids, dtype=np.int32), oov
+
+    def encode_corpus(self, text: str) -> np.ndarray:
+        """Ids of a text whose characters are all in the vocabulary (fast path)."""
+        table = np.full(max(map(ord, self.tokens)) + 2, -1, dtype=np.int64)
+        for i, t in enumerate(self.tokens):
+            table[ord(t)] = i
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        cps = np.minimum(cps, len(table) - 1)
+        ids = table[cps]
+        if (ids < 0).any():
+            raise CharlmError("the corpus has characters outside the vocabulary")
+        return ids.astype(id_dtype(len(self)))
+
+    def decode(self, ids) -> str:
+        toks = self.tokens
+        return "".join(toks[int(i)] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "tokens": list(self.tokens)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Vocab":
+        try:
+            return cls(tuple(d["tokens"]), d.get("level", "char"))
+        except (KeyError, TypeError) as e:
+            raise CharlmError(f"malformed vocabulary in checkpoint: {e}") from None
+
+
+def default_corpus() -> tuple[str, str]:
+    """The English documentation text every CPython installation carries
+    (pydoc_data.topics, ~460 KB): a corpus that needs no download."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # pragma: no cover - stripped Python builds
+        raise CharlmError("this Python has no pydoc_data module; give a corpus file: charlm train FILE") from None
+    return "\n".join(topics[k] for k in sorted(topics)), "pydoc-topics"
+
+
+def read_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus") -> str:
+    """Read a whole text file ('-' is standard input) with errors a person can act on.
+
+    A UTF-8 byte-order mark is dropped and CRLF / CR line ends become LF.
+    """
+    if path == "-":
+        data = sys.stdin.buffer.read()
+        name = "standard input"
+    else:
+        name = path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise CharlmError(f"{what} not found: {path}") from None
+        except OSError as e:
+            raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise CharlmError(f"{path} is a directory; give a text file")
+        if not stat.S_ISREG(st.st_mode):
+            raise CharlmError(f"{path} is not a regular file (a FIFO, socket or device); give a text file")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except PermissionError:
+            raise CharlmError(f"permission denied reading {what} {path}") from None
+        except OSError as e:
+            raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        import codecs
+        codecs.lookup(encoding)
+    except LookupError:
+        raise CharlmError(f"unknown --encoding {encoding!r}") from None
+    if errors not in ("strict", "replace", "ignore"):
+        raise CharlmError(f"--errors must be strict, replace or ignore, got {errors!r}")
+    if encoding.lower().replace("_", "-") in ("utf-8", "utf8") and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode(encoding, errors=errors)
+    except UnicodeDecodeError as e:
+        raise CharlmError(
+            f"{name} is not valid {encoding}: bad byte 0x{data[e.start]:02x} at offset {e.start}; "
+            f"pass --encoding ENCODING, or --errors replace to substitute U+FFFD") from None
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def split_train_val(ids: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndarray]:
+    """The last val_frac of the tokens is held out (at least 2 tokens, if the corpus allows)."""
+    n_val = max(2, int(round(len(ids) * val_frac)))
+    if len(ids) - n_val < 2:
+        return ids, ids[:0]
+    return ids[:-n_val], ids[-n_val:]
+
+
+class Batches:
+    """N parallel contiguous streams over the training ids, cut into windows of T.
+
+    Stream s reads ids[s*L : (s+1)*L + 1]. Window k gives inputs x (T, N) and
+    targets y (T, N) at offsets k*T .. k*T+T-1 of every stream; the hidden state
+    is carried from window k to k+1 and reset when an epoch wraps.
+    """
+
+    def __init__(self, ids: np.ndarray, seq_len: int, batch: int):
+        if len(ids) < seq_len + 1:
+            raise CharlmError(
+                f"the training text has {len(ids)} tokens, fewer than one window of --seq-len {seq_len} + 1; "
+                f"give a longer corpus or a smaller --seq-len")
+        self.ids = ids
+        self.T = seq_len
+        self.N = min(batch, (len(ids) - 1) // seq_len)
+        self.L = (len(ids) - 1) // self.N
+        self.windows_per_epoch = self.L // self.T
+        self._offsets = (np.arange(self.N) * self.L)[None, :] + np.arange(self.T)[:, None]  # (T, N)
+
+    def window(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self._offsets + k * self.T
+        return self.ids[idx].astype(np.int32), self.ids[idx + 1].astype(np.int32)
+
+
+def eval_windows(ids: np.ndarray, seq_len: int, streams: int):
+    """Cut ids into `streams` contiguous parts scored side by side (state reset at
+    each part); yield (x, y) windows of at most seq_len steps, carrying state in between.
+    Every target position of ids[1:] inside the parts is scored once."""
+    n = len(ids) - 1
+    if n < 1:
+        return
+    S = max(1, min(streams, n // max(1, seq_len)))
+    L = n // S
+    offs = np.arange(S) * L
+    for start in range(0, L, seq_len):
+        T = min(seq_len, L - start)
+        idx = offs[None, :] + start + np.arange(T)[:, None]
+        yield ids[idx].astype(np.int32), ids[idx + 1].astype(np.int32)

@@ -1,0 +1,197 @@
+"""Shared kernels: linear layer, embedding, softmax cross-entropy, sampling draw.
+
+Dimensions: N batch, T time, V vocab, E embedding, H hidden, M = T*N positions.
+
+Every ``*_backward`` kernel ADDS into its ``d*`` arrays; the caller zeroes them.
+"""
+import numpy as np
+from numba import njit
+
+JIT = dict(cache=True, error_model="numpy", nogil=True)
+
+
+@njit(**JIT)
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@njit(**JIT)
+def linear_forward(out, x, W, b):
+    """out = x @ W.T + b.
+
+    out (M, K), x (M, D), W (K, D), b (K,). Arrays C-contiguous.
+    """
+    np.dot(x, W.T, out)
+    M, K = out.shape
+    for m in range(M):
+        for k in range(K):
+            out[m, k] += b[k]
+
+
+@njit(**JIT)
+def linear_backward(dx, dW, db, dout, x, W):
+    """Gradients of out = x @ W.T + b. ADDS into dx (M, D), dW (K, D), db (K,).
+
+    dout (M, K), x (M, D), W (K, D). Pass dx of shape (0, 0) to skip it.
+    """
+    dW += np.dot(dout.T, x)  # (K, D)
+    M, K = dout.shape
+    for m in range(M):
+        for k in range(K):
+            db[k] += dout[m, k]
+    if dx.shape[0] == M:
+        dx += np.dot(dout, W)  # (M, D)
+
+
+@njit(**JIT)
+def embedding_forward(out, ids, table):
+    """out[m] = table[ids[m]]. out (M, E), ids (M,) ints, table (V, E)."""
+    M, E = out.shape
+    for m in range(M):
+        row = ids[m]
+        for e in range(E):
+            out[m, e] = table[row, e]
+
+
+@njit(**JIT)
+def embedding_backward(dtable, dout, ids):
+    """ADDS dout rows into dtable (V, E) at ids (M,). dout (M, E)."""
+    M, E = dout.shape
+    for m in range(M):
+        row = ids[m]
+        for e in range(E):
+            dtable[row, e] += dout[m, e]
+
+
+@njit(**JIT)
+def softmax_xent_forward(probs, logits, targets):
+    """Row-wise softmax of logits into probs; returns sum_m -log probs[m, targets[m]].
+
+    probs (M, V) may be the same array as logits (M, V); targets (M,) ints.
+    The sum is accumulated in float64. Rows whose target is negative are
+    skipped in the sum (their probabilities are still computed).
+    """
+    M, V = logits.shape
+    total = 0.0
+    for m in range(M):
+        mx = logits[m, 0]
+        for v in range(1, V):
+            if logits[m, v] > mx:
+                mx = logits[m, v]
+        t = targets[m]
+        target_logit = logits[m, t] if t >= 0 else mx
+        s = 0.0
+        for v in range(V):
+            e = np.exp(logits[m, v] - mx)
+            probs[m, v] = e
+            s += e
+        inv = 1.0 / s
+        for v in range(V):
+            probs[m, v] *= inv
+        if t >= 0:
+            # -log p = log(sum) - (logit - max): exact even when p underflows
+            total += np.log(s) - (target_logit - mx)
+    return total
+
+
+@njit(**JIT)
+def log_softmax_gather(out, logits, targets):
+    """out[m] = log softmax(logits[m])[targets[m]] (float64 out (M,)); logits (M, V)."""
+    M, V = logits.shape
+    for m in range(M):
+        mx = logits[m, 0]
+        for v in range(1, V):
+            if logits[m, v] > mx:
+                mx = logits[m, v]
+        s = 0.0
+        for v in range(V):
+            s += np.exp(np.float64(logits[m, v]) - mx)
+        out[m] = (np.float64(logits[m, targets[m]]) - mx) - np.log(s)
+
+
+@njit(**JIT)
+def softmax_xent_backward(dlogits, probs, targets, scale):
+    """dlogits = scale * (probs - onehot(targets)). Overwrites dlogits (M, V).
+
+    dlogits may be the same array as probs (M, V). Rows with a negative target
+    get zero gradient.
+    """
+    M, V = probs.shape
+    for m in range(M):
+        t = targets[m]
+        if t < 0:
+            for v in range(V):
+                dlogits[m, v] = 0.0
+            continue
+        for v in range(V):
+            dlogits[m, v] = probs[m, v] * scale
+        dlogits[m, t] -= scale
+
+
+@njit(**JIT)
+def draw_token(logits, temperature, top_k, greedy, u, scratch):
+    """Pick a token from one row of logits (V,).
+
+    greedy: argmax. Otherwise softmax(logits / temperature) restricted to the
+    top_k largest logits (top_k <= 0 means all) and inverse-CDF draw with the
+    uniform u in [0, 1). scratch (V,) float64 work space.
+    """
+    V = logits.shape[0]
+    best = 0
+    for v in range(1, V):
+        if logits[v] > logits[best]:
+            best = v
+    if greedy:
+        return best
+    cutoff = -np.inf
+    if top_k > 0 and top_k < V:
+        # k-th largest logit: partial selection on a copy
+        for v in range(V):
+            scratch[v] = logits[v]
+        srt = np.sort(scratch)
+        cutoff = srt[V - top_k]
+    mx = np.float64(logits[best])
+    s = 0.0
+    for v in range(V):
+        if logits[v] >= cutoff:
+            e = np.exp((np.float64(logits[v]) - mx) / temperature)
+        else:
+            e = 0.0
+        scratch[v] = e
+        s += e
+    target = u * s
+    acc = 0.0
+    last = best
+    for v in range(V):
+        if scratch[v] > 0.0:
+            acc += scratch[v]
+            last = v
+            if acc > target:
+                return v
+    return last
+
+
+@njit(**JIT)
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, gscale):
+    """One fused Adam step on flat arrays p, g, m, v (K,), in place.
+
+    g is multiplied by gscale first (gradient clipping); bc1 = 1 - beta1**t,
+    bc2 = 1 - beta2**t are the bias corrections.
+    """
+    step = lr / bc1
+    for k in range(p.shape[0]):
+        gk = g[k] * gscale
+        mk = beta1 * m[k] + (1.0 - beta1) * gk
+        vk = beta2 * v[k] + (1.0 - beta2) * gk * gk
+        m[k] = mk
+        v[k] = vk
+        p[k] -= step * mk / (np.sqrt(vk / bc2) + eps)
+
+
+@njit(**JIT)
+def sum_squares(a):
+    """sum(a**2) of a flat array (K,), accumulated in float64."""
+    s = 0.0
+    for k in range(a.shape[0]):
+        s += np.float64(a[k]) * a[k]
+    return s

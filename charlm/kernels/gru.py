@@ -1,0 +1,126 @@
+"""GRU kernels (PyTorch's nn.GRU equations, gate order [r, z, n]).
+
+Dimensions: N batch, T time, D layer input, H hidden, G = 3 gates.
+
+    ax = x W_ih^T + b_ih,  ah = h_{t-1} W_hh^T + b_hh          # (N, 3H) each
+    r = sigmoid(ax_r + ah_r)
+    z = sigmoid(ax_z + ah_z)
+    n = tanh(ax_n + r * ah_n)             # the lecture's h' = tanh(Ux + r o (W h))
+    h_t = z * h_{t-1} + (1 - z) * n       # z near 1 copies the past
+
+Parameters: W_ih (3H, D), W_hh (3H, H), b_ih (3H,), b_hh (3H,), row blocks
+[r | z | n], exactly as torch.nn.GRU stores them.
+
+hs (T+1, N, H) with hs[0] = h0. acts (T, N, 4H) keeps [r, z, n, ah_n] per
+step (ah_n = the n-block of h_{t-1} W_hh^T + b_hh, needed by the backward
+pass). cs is unused (same signature as lstm).
+"""
+import numpy as np
+from numba import njit
+
+from .common import JIT, sigmoid
+
+
+@njit(**JIT)
+def _gru_cell(hout, act, ax, ah, h, H):
+    """ax, ah (N, 3H) pre-activations; act (N, 4H) out; h (N, H) previous; hout (N, H)."""
+    N = ax.shape[0]
+    for n in range(N):
+        for j in range(H):
+            r = sigmoid(ax[n, j] + ah[n, j])
+            z = sigmoid(ax[n, H + j] + ah[n, H + j])
+            ahn = ah[n, 2 * H + j]
+            nn = np.tanh(ax[n, 2 * H + j] + r * ahn)
+            act[n, j] = r
+            act[n, H + j] = z
+            act[n, 2 * H + j] = nn
+            act[n, 3 * H + j] = ahn
+            hout[n, j] = z * h[n, j] + (1.0 - z) * nn
+
+
+@njit(**JIT)
+def gru_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
+    """One step. hout (N, H); cout, c unused; act (N, 4H) out; x (N, D); h (N, H)."""
+    H = h.shape[1]
+    ax = np.dot(x, Wih.T)  # (N, 3H)
+    ax += bih
+    ah = np.dot(h, Whh.T)  # (N, 3H)
+    ah += bhh
+    _gru_cell(hout, act, ax, ah, h, H)
+
+
+@njit(**JIT)
+def gru_forward(hs, cs, acts, x, Wih, Whh, bih, bhh):
+    """Run T steps. hs (T+1, N, H) with hs[0] = h0; acts (T, N, 4H) out;
+    x (T, N, D); cs unused."""
+    T, N, D = x.shape
+    H = hs.shape[2]
+    G3 = 3 * H
+    ax_all = np.dot(x.reshape(T * N, D), Wih.T).reshape(T, N, G3)  # (T, N, 3H)
+    ah = np.empty((N, G3), dtype=acts.dtype)
+    for t in range(T):
+        ax = ax_all[t]
+        for n in range(N):
+            for k in range(G3):
+                ax[n, k] += bih[k]
+        np.dot(hs[t], Whh.T, ah)  # (N, 3H)
+        for n in range(N):
+            for k in range(G3):
+                ah[n, k] += bhh[k]
+        _gru_cell(hs[t + 1], acts[t], ax, ah, hs[t], H)
+
+
+@njit(**JIT)
+def gru_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
+                 dhs, hs, cs, acts, x, Wih, Whh):
+    """Backpropagation through the T steps of gru_forward.
+
+    ADDS into dx (T, N, D), dWih (3H, D), dWhh (3H, H), dbih, dbhh (3H,),
+    dh0 (N, H); the caller zeroes them. dc0 is untouched. dacts (T, N, 3H)
+    and dacts_h (T, N, 3H) are work space: gradients wrt ax and ah.
+    dhs (T, N, H) is dL/dh_t from above for t = 1..T. dx of shape (0, 0, 0)
+    skips it.
+    """
+    T, N, D = x.shape
+    H = hs.shape[2]
+    G3 = 3 * H
+    M = T * N
+    dxa = dacts
+    dha = dacts_h
+    dh = np.zeros((N, H), dtype=hs.dtype)
+    dhW = np.empty((N, H), dtype=hs.dtype)
+    for t in range(T - 1, -1, -1):
+        act = acts[t]
+        gx = dxa[t]
+        gh = dha[t]
+        hp = hs[t]
+        for n in range(N):
+            for j in range(H):
+                r = act[n, j]
+                z = act[n, H + j]
+                nn = act[n, 2 * H + j]
+                ahn = act[n, 3 * H + j]
+                dht = dhs[t, n, j] + dh[n, j]
+                dan = dht * (1.0 - z) * (1.0 - nn * nn)
+                daz = dht * (hp[n, j] - nn) * z * (1.0 - z)
+                dar = dan * ahn * r * (1.0 - r)
+                gx[n, j] = dar
+                gx[n, H + j] = daz
+                gx[n, 2 * H + j] = dan
+                gh[n, j] = dar
+                gh[n, H + j] = daz
+                gh[n, 2 * H + j] = dan * r
+                dh[n, j] = dht * z
+        np.dot(gh, Whh, dhW)  # (N, H)
+        dh += dhW
+    dh0 += dh
+    gx2 = dxa.reshape(M, G3)
+    gh2 = dha.reshape(M, G3)
+    dWhh += np.dot(gh2.T, hs[:T].reshape(M, H))
+    dWih += np.dot(gx2.T, x.reshape(M, D))
+    for m in range(M):
+        for k in range(G3):
+            dbih[k] += gx2[m, k]
+            dbhh[k] += gh2[m, k]
+    if dx.shape[0] == T:
+        dx.reshape(M, D)[:, :] += np.dot(gx2, Wih)

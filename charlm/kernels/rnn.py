@@ -1,0 +1,79 @@
+"""Vanilla (Elman) RNN kernels, torch.nn.RNN with nonlinearity='tanh'.
+
+Dimensions: N batch, T time, D layer input, H hidden, G = 1.
+
+    s_t = tanh(x_t W_ih^T + b_ih + s_{t-1} W_hh^T + b_hh)
+
+(the lecture's s_t = tanh(U x_t + W s_{t-1}) with U = W_ih, W = W_hh, plus biases).
+Parameters: W_ih (H, D), W_hh (H, H), b_ih (H,), b_hh (H,).
+
+hs (T+1, N, H) with hs[0] = h0. acts (T, N, H) is unused by the forward pass
+(the activations are hs itself) but kept for a common signature; cs unused.
+"""
+import numpy as np
+from numba import njit
+
+from .common import JIT
+
+
+@njit(**JIT)
+def rnn_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
+    """One step. hout (N, H); act (N, H) scratch; x (N, D); h (N, H); c, cout unused."""
+    N, H = hout.shape
+    np.dot(x, Wih.T, act)
+    act += np.dot(h, Whh.T)  # (N, H)
+    for n in range(N):
+        for j in range(H):
+            hout[n, j] = np.tanh(act[n, j] + bih[j] + bhh[j])
+
+
+@njit(**JIT)
+def rnn_forward(hs, cs, acts, x, Wih, Whh, bih, bhh):
+    """Run T steps. hs (T+1, N, H) with hs[0] = h0; acts (T, N, H) work space;
+    x (T, N, D); cs unused."""
+    T, N, D = x.shape
+    H = hs.shape[2]
+    np.dot(x.reshape(T * N, D), Wih.T, acts.reshape(T * N, H))
+    bias = bih + bhh
+    rec = np.empty((N, H), dtype=acts.dtype)
+    for t in range(T):
+        np.dot(hs[t], Whh.T, rec)  # (N, H)
+        a = acts[t]
+        ho = hs[t + 1]
+        for n in range(N):
+            for j in range(H):
+                ho[n, j] = np.tanh(a[n, j] + rec[n, j] + bias[j])
+
+
+@njit(**JIT)
+def rnn_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
+                 dhs, hs, cs, acts, x, Wih, Whh):
+    """Backpropagation through the T steps of rnn_forward.
+
+    ADDS into dx (T, N, D), dWih (H, D), dWhh (H, H), dbih, dbhh (H,),
+    dh0 (N, H); the caller zeroes them. dc0, dacts_h untouched. dacts
+    (T, N, H) work space. dhs (T, N, H) is dL/dh_t from above for t = 1..T.
+    dx of shape (0, 0, 0) skips it.
+    """
+    T, N, D = x.shape
+    H = hs.shape[2]
+    M = T * N
+    dh = np.zeros((N, H), dtype=hs.dtype)
+    for t in range(T - 1, -1, -1):
+        da = dacts[t]
+        ho = hs[t + 1]
+        for n in range(N):
+            for j in range(H):
+                h = ho[n, j]
+                da[n, j] = (dhs[t, n, j] + dh[n, j]) * (1.0 - h * h)
+        np.dot(da, Whh, dh)  # (N, H)
+    dh0 += dh
+    da2 = dacts.reshape(M, H)
+    dWhh += np.dot(da2.T, hs[:T].reshape(M, H))
+    dWih += np.dot(da2.T, x.reshape(M, D))
+    for m in range(M):
+        for k in range(H):
+            dbih[k] += da2[m, k]
+            dbhh[k] += da2[m, k]
+    if dx.shape[0] == T:
+        dx.reshape(M, D)[:, :] += np.dot(da2, Wih)

@@ -1,0 +1,57 @@
+"""Text generation: each sampled token is fed back as the next input."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .data import Vocab
+from .errors import CharlmError
+from .kernels.sample import CELL_CODES, stack_sample
+from .model import Model
+
+
+def _packed(model: Model):
+    """The parameters stacked per layer, as the compiled sampler takes them."""
+    cfg, p = model.cfg, model.params
+    L = cfg.layers
+    rest = [p[f"rnn.weight_ih_l{k}"] for k in range(1, L)] or [np.zeros((cfg.gates * cfg.hidden, cfg.hidden), model.dtype)]
+    stack = lambda fmt: np.ascontiguousarray(np.stack([p[fmt.format(k)] for k in range(L)]))
+    return (p["embedding.weight"], p["rnn.weight_ih_l0"], np.ascontiguousarray(np.stack(rest)),
+            stack("rnn.weight_hh_l{}"), stack("rnn.bias_ih_l{}"), stack("rnn.bias_hh_l{}"),
+            p["decoder.weight"], p["decoder.bias"])
+
+
+def generate(model: Model, vocab: Vocab, length: int, *, temperature: float = 0.8, prime: str = "",
+             seed: int | None = None, top_k: int = 0, greedy: bool = False,
+             chunk: int = 64) -> Iterator[str]:
+    """Yield the generated text in chunks (the prime text is not repeated).
+
+    The context starts from the zero state with the end-of-line token fed first
+    (the begin-of-text context used in training and scoring), then the prime's
+    in-vocabulary tokens. Prime characters outside the vocabulary must be
+    removed by the caller (see prime_ids). The same seed gives the same text.
+    """
+    if length <= 0:
+        raise CharlmError(f"--length must be positive, got {length}")
+    if not greedy and not temperature > 0:
+        raise CharlmError(f"--temp must be positive, got {temperature}")
+    if top_k < 0:
+        raise CharlmError(f"--top-k must be 0 (off) or positive, got {top_k}")
+    cfg = model.cfg
+    packed = _packed(model)
+    rng = np.random.default_rng(seed)
+    hs = np.zeros((cfg.layers, 1, cfg.hidden), model.dtype)
+    cs = np.zeros_like(hs)
+    ids, _ = vocab.encode(prime)
+    feed = np.concatenate([[vocab.eos_id], ids]).astype(np.int32)
+    done = 0
+    while done < length:
+        k = min(chunk, length - done)
+        out = np.empty(k, dtype=np.int32)
+        u = rng.random(k)
+        stack_sample(out, hs, cs, feed, u, CELL_CODES[cfg.cell], *packed,
+                     float(temperature if not greedy else 1.0), int(top_k), bool(greedy))
+        done += k
+        feed = out[-1:].copy()
+        yield vocab.decode(out)
