@@ -161,10 +161,13 @@ def load(path: str | os.PathLike) -> Checkpoint:
             best_val_loss=meta.get("best_val_loss"), rng=meta.get("rng"),
             history=meta.get("history") or [], corpus=meta.get("corpus", ""), path=path,
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, CharlmError) as e:
         raise CharlmError(f"{bad} (metadata: {e})") from None
     from .model import check_params  # late import: model imports kernels (slow) only when needed
-    check_params(ckpt.model, ckpt.params)
+    try:
+        check_params(ckpt.model, ckpt.params)
+    except CharlmError as e:
+        raise CharlmError(f"{bad} ({e})") from None
     if ckpt.model.vocab_size != len(ckpt.vocab):
         raise CharlmError(f"{bad} (vocabulary has {len(ckpt.vocab)} tokens, model expects {ckpt.model.vocab_size})")
     return ckpt

@@ -140,13 +140,15 @@ def read_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: 
         raise CharlmError(f"unknown --encoding {encoding!r}") from None
     if errors not in ("strict", "replace", "ignore"):
         raise CharlmError(f"--errors must be strict, replace or ignore, got {errors!r}")
+    skipped = 0  # bytes dropped from the front, so error offsets stay file offsets
     if encoding.lower().replace("_", "-") in ("utf-8", "utf8") and data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+        skipped = 3
     try:
         text = data.decode(encoding, errors=errors)
     except UnicodeDecodeError as e:
         raise CharlmError(
-            f"{name} is not valid {encoding}: bad byte 0x{data[e.start]:02x} at offset {e.start}; "
+            f"{name} is not valid {encoding}: bad byte 0x{data[e.start]:02x} at offset {e.start + skipped}; "
             f"pass --encoding ENCODING, or --errors replace to substitute U+FFFD") from None
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
