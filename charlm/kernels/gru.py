@@ -18,24 +18,25 @@ pass). cs is unused (same signature as lstm).
 import numpy as np
 from numba import njit
 
-from .common import JIT, sigmoid
+from .common import JIT, act_sigmoid, act_tanh
 
 
 @njit(**JIT)
 def _gru_cell(hout, act, ax, ah, h, H):
     """ax, ah (N, 3H) pre-activations; act (N, 4H) out; h (N, H) previous; hout (N, H)."""
     N = ax.shape[0]
+    one = h.dtype.type(1.0)
     for n in range(N):
         for j in range(H):
-            r = sigmoid(ax[n, j] + ah[n, j])
-            z = sigmoid(ax[n, H + j] + ah[n, H + j])
+            r = act_sigmoid(ax[n, j] + ah[n, j])
+            z = act_sigmoid(ax[n, H + j] + ah[n, H + j])
             ahn = ah[n, 2 * H + j]
-            nn = np.tanh(ax[n, 2 * H + j] + r * ahn)
+            nn = act_tanh(ax[n, 2 * H + j] + r * ahn)
             act[n, j] = r
             act[n, H + j] = z
             act[n, 2 * H + j] = nn
             act[n, 3 * H + j] = ahn
-            hout[n, j] = z * h[n, j] + (1.0 - z) * nn
+            hout[n, j] = z * h[n, j] + (one - z) * nn
 
 
 @njit(**JIT)
@@ -85,6 +86,7 @@ def gru_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
     H = hs.shape[2]
     G3 = 3 * H
     M = T * N
+    one = hs.dtype.type(1.0)
     dxa = dacts
     dha = dacts_h
     dh = np.zeros((N, H), dtype=hs.dtype)
@@ -101,9 +103,9 @@ def gru_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
                 nn = act[n, 2 * H + j]
                 ahn = act[n, 3 * H + j]
                 dht = dhs[t, n, j] + dh[n, j]
-                dan = dht * (1.0 - z) * (1.0 - nn * nn)
-                daz = dht * (hp[n, j] - nn) * z * (1.0 - z)
-                dar = dan * ahn * r * (1.0 - r)
+                dan = dht * (one - z) * (one - nn * nn)
+                daz = dht * (hp[n, j] - nn) * z * (one - z)
+                dar = dan * ahn * r * (one - r)
                 gx[n, j] = dar
                 gx[n, H + j] = daz
                 gx[n, 2 * H + j] = dan

@@ -16,7 +16,7 @@ never special-cases t = 0. acts (T, N, 4H) keeps the activated gates.
 import numpy as np
 from numba import njit
 
-from .common import JIT, sigmoid
+from .common import JIT, act_sigmoid, act_tanh
 
 
 @njit(**JIT)
@@ -25,17 +25,17 @@ def _lstm_cell(hout, cout, act, a, c, H):
     N = a.shape[0]
     for n in range(N):
         for j in range(H):
-            i = sigmoid(a[n, j])
-            f = sigmoid(a[n, H + j])
-            g = np.tanh(a[n, 2 * H + j])
-            o = sigmoid(a[n, 3 * H + j])
+            i = act_sigmoid(a[n, j])
+            f = act_sigmoid(a[n, H + j])
+            g = act_tanh(a[n, 2 * H + j])
+            o = act_sigmoid(a[n, 3 * H + j])
             cn = f * c[n, j] + i * g
             act[n, j] = i
             act[n, H + j] = f
             act[n, 2 * H + j] = g
             act[n, 3 * H + j] = o
             cout[n, j] = cn
-            hout[n, j] = o * np.tanh(cn)
+            hout[n, j] = o * act_tanh(cn)
 
 
 @njit(**JIT)
@@ -84,6 +84,7 @@ def lstm_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
     T, N, D = x.shape
     H = hs.shape[2]
     G4 = 4 * H
+    one = hs.dtype.type(1.0)
     dh = np.zeros((N, H), dtype=hs.dtype)
     dc = np.zeros((N, H), dtype=hs.dtype)
     for t in range(T - 1, -1, -1):
@@ -95,13 +96,13 @@ def lstm_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
                 f = act[n, H + j]
                 g = act[n, 2 * H + j]
                 o = act[n, 3 * H + j]
-                tc = np.tanh(cs[t + 1, n, j])
+                tc = act_tanh(cs[t + 1, n, j])
                 dht = dhs[t, n, j] + dh[n, j]
-                dct = dc[n, j] + dht * o * (1.0 - tc * tc)
-                da[n, j] = dct * g * i * (1.0 - i)
-                da[n, H + j] = dct * cs[t, n, j] * f * (1.0 - f)
-                da[n, 2 * H + j] = dct * i * (1.0 - g * g)
-                da[n, 3 * H + j] = dht * tc * o * (1.0 - o)
+                dct = dc[n, j] + dht * o * (one - tc * tc)
+                da[n, j] = dct * g * i * (one - i)
+                da[n, H + j] = dct * cs[t, n, j] * f * (one - f)
+                da[n, 2 * H + j] = dct * i * (one - g * g)
+                da[n, 3 * H + j] = dht * tc * o * (one - o)
                 dc[n, j] = dct * f
         np.dot(da, Whh, dh)  # (N, H)
     dh0 += dh

@@ -13,7 +13,7 @@ hs (T+1, N, H) with hs[0] = h0. acts (T, N, H) is unused by the forward pass
 import numpy as np
 from numba import njit
 
-from .common import JIT
+from .common import JIT, act_tanh
 
 
 @njit(**JIT)
@@ -24,7 +24,7 @@ def rnn_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
     act += np.dot(h, Whh.T)  # (N, H)
     for n in range(N):
         for j in range(H):
-            hout[n, j] = np.tanh(act[n, j] + bih[j] + bhh[j])
+            hout[n, j] = act_tanh(act[n, j] + bih[j] + bhh[j])
 
 
 @njit(**JIT)
@@ -42,7 +42,7 @@ def rnn_forward(hs, cs, acts, x, Wih, Whh, bih, bhh):
         ho = hs[t + 1]
         for n in range(N):
             for j in range(H):
-                ho[n, j] = np.tanh(a[n, j] + rec[n, j] + bias[j])
+                ho[n, j] = act_tanh(a[n, j] + rec[n, j] + bias[j])
 
 
 @njit(**JIT)
@@ -58,6 +58,7 @@ def rnn_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
     T, N, D = x.shape
     H = hs.shape[2]
     M = T * N
+    one = hs.dtype.type(1.0)
     dh = np.zeros((N, H), dtype=hs.dtype)
     for t in range(T - 1, -1, -1):
         da = dacts[t]
@@ -65,7 +66,7 @@ def rnn_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
         for n in range(N):
             for j in range(H):
                 h = ho[n, j]
-                da[n, j] = (dhs[t, n, j] + dh[n, j]) * (1.0 - h * h)
+                da[n, j] = (dhs[t, n, j] + dh[n, j]) * (one - h * h)
         np.dot(da, Whh, dh)  # (N, H)
     dh0 += dh
     da2 = dacts.reshape(M, H)
