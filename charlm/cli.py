@@ -333,7 +333,7 @@ def score(
         results = [score_text(m, ck.vocab, t, eos=not no_eos) for t in texts]
         total = corpus_total(results)
         if as_json:
-            strip = lambda r: {k: v for k, v in r.items() if k != "oov_tokens"}
+            strip = lambda r: {k: v for k, v in r.items() if k not in ("oov_tokens", "oov_logprob")}
             if len(results) == 1:
                 print(json.dumps(strip(results[0]), ensure_ascii=False))
             else:

@@ -69,6 +69,10 @@ class TrainConfig:
     val_frac: float = 0.05
     eval_every: int = 500
     seed: int = 0
+    level: str = "char"     # char | word
+    lower: bool = False     # word level: lower-case the text
+    min_count: int = 1      # word level: keep words seen at least this often
+    max_vocab: int = 50_000  # word level: at most this many tokens, <eos> and <unk> included
 
     def __post_init__(self):
         _positive("--seq-len", self.seq_len)
@@ -82,6 +86,11 @@ class TrainConfig:
         for name in ("steps", "epochs", "minutes"):
             if getattr(self, name) < 0:
                 raise CharlmError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.level not in ("char", "word"):
+            raise CharlmError(f"--level must be char or word, got {self.level!r}")
+        _positive("--min-count", self.min_count)
+        if not isinstance(self.max_vocab, int) or self.max_vocab < 3:
+            raise CharlmError(f"--max-vocab must be at least 3, got {self.max_vocab!r}")
         if not 0.0 < self.val_frac < 0.5:
             raise CharlmError(f"--val-frac must be between 0 and 0.5, got {self.val_frac}")
 

@@ -29,8 +29,9 @@ def generate(model: Model, vocab: Vocab, length: int, *, temperature: float = 0.
 
     The context starts from the zero state with the end-of-line token fed first
     (the begin-of-text context used in training and scoring), then the prime's
-    in-vocabulary tokens. Prime characters outside the vocabulary must be
-    removed by the caller (see prime_ids). The same seed gives the same text.
+    tokens (characters outside the vocabulary are skipped; words outside it are
+    fed as <unk>). Words are joined by spaces, <eos> becomes a newline. The
+    same seed gives the same text.
     """
     if length <= 0:
         raise CharlmError(f"--length must be positive, got {length}")
@@ -46,6 +47,7 @@ def generate(model: Model, vocab: Vocab, length: int, *, temperature: float = 0.
     ids, _ = vocab.encode(prime)
     feed = np.concatenate([[vocab.eos_id], ids]).astype(np.int32)
     done = 0
+    at_line_start = len(ids) == 0 or int(ids[-1]) == vocab.eos_id
     while done < length:
         k = min(chunk, length - done)
         out = np.empty(k, dtype=np.int32)
@@ -54,4 +56,8 @@ def generate(model: Model, vocab: Vocab, length: int, *, temperature: float = 0.
                      float(temperature if not greedy else 1.0), int(top_k), bool(greedy))
         done += k
         feed = out[-1:].copy()
-        yield vocab.decode(out)
+        if vocab.level == "word":
+            text, at_line_start = vocab.decode_words(out, at_line_start)
+            yield text
+        else:
+            yield vocab.decode(out)

@@ -7,9 +7,9 @@ Events (key "event"):
   start      {"run_dir", "n_train", "n_val", "vocab_size", "streams", "windows_per_epoch", "total_steps", "deadline_s", "params"}
   step       {"step", "loss", "grad_norm", "clipped", "tokens_per_s", "epoch", "elapsed_s"}
   nonfinite  {"step", "lr"}                                update skipped, learning rate halved
-  eval       {"step", "train_loss", "val_loss", "val_bpc", "tokens_per_s", "sample", "best"}
+  eval       {"step", "train_loss", "val_loss", "val_bpc", "val_ppl", "tokens_per_s", "sample", "best"}
   saved      {"path"}
-  done       {"steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "checkpoint", "latest", "reason"}
+  done       {"steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "best_val_ppl", "checkpoint", "latest", "reason"}
 """
 from __future__ import annotations
 
@@ -62,19 +62,38 @@ def _warm_up(model: Model, batches: Batches, with_sampler: bool, vocab: Vocab) -
         "".join(generate(model, vocab, 2, seed=0))
 
 
+def build_vocab(text: str, cfg: TrainConfig, extra_text: str = "") -> Vocab:
+    """Characters: every code point of the training (and validation) text.
+    Words: from the training text only, by count (cfg.min_count, cfg.max_vocab)."""
+    if cfg.level == "word":
+        return Vocab.words_from_text(text, min_count=cfg.min_count, max_vocab=cfg.max_vocab, lower=cfg.lower)
+    return Vocab.from_text(text + extra_text)
+
+
 def train(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, *,
+          val_text: str | None = None,
           corpus_name: str = "", sample_chars: int = 200, sample_temp: float = 0.8,
           should_stop: Callable[[], bool] = lambda: False,
           clock: Callable[[], float] = time.perf_counter) -> Iterator[dict]:
-    """Train a new model on text; write latest.npz / best.npz into run_dir."""
+    """Train a new model on text; write latest.npz / best.npz into run_dir.
+
+    Validation: val_text if given, else the last train_cfg.val_frac of text."""
     if not text:
         raise CharlmError("the corpus is empty; give a text file with some content")
-    vocab = Vocab.from_text(text)
+    vocab = build_vocab(text, train_cfg, val_text or "")
     ids = vocab.encode_corpus(text)
-    train_ids, val_ids = split_train_val(ids, train_cfg.val_frac)
+    if val_text is not None:
+        train_ids = ids
+        val_ids = np.concatenate([[vocab.eos_id], vocab.encode_corpus(val_text)]).astype(ids.dtype)
+    else:
+        train_ids, val_ids = split_train_val(ids, train_cfg.val_frac)
     batches = Batches(train_ids, train_cfg.seq_len, train_cfg.batch)
     if batches.N < train_cfg.batch:
         yield {"event": "note", "message": f"the corpus is short: training {batches.N} parallel streams instead of --batch {train_cfg.batch}"}
+    if train_cfg.level == "word":
+        n_unk = int((train_ids == vocab.unk_id).sum())
+        yield {"event": "note", "message": f"word vocabulary: {len(vocab):,} tokens; {n_unk:,} of {len(train_ids):,} "
+                                           f"training tokens are <unk>"}
     if len(val_ids) < 2:
         yield {"event": "note", "message": "the corpus is too short to hold out a validation set; reporting training loss only"}
     mcfg = ModelConfig(**{**model_cfg.to_dict(), "vocab_size": len(vocab)})
@@ -141,7 +160,8 @@ def train(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: st
             from .sample import generate
             sample = "".join(generate(model, vocab, sample_chars, temperature=sample_temp, seed=step))
         yield {"event": "eval", "step": step, "train_loss": train_loss, "val_loss": val,
-               "val_bpc": val / LN2, "tokens_per_s": tokens / train_seconds if train_seconds else 0.0,
+               "val_bpc": val / LN2, "val_ppl": math.exp(val) if math.isfinite(val) else float("nan"),
+               "tokens_per_s": tokens / train_seconds if train_seconds else 0.0,
                "sample": sample, "best": improved}
         save(latest_path)
         yield {"event": "saved", "path": str(latest_path)}
@@ -195,5 +215,6 @@ def train(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: st
     yield {"event": "done", "steps": step, "tokens": tokens, "seconds": clock() - start,
            "train_seconds": train_seconds, "tokens_per_s": tokens / train_seconds if train_seconds else 0.0,
            "best_val_bpc": best_val / LN2 if best_val is not None else None,
+           "best_val_ppl": math.exp(best_val) if best_val is not None else None, "level": train_cfg.level,
            "checkpoint": str(best_path), "latest": str(latest_path), "reason": reason,
            "clipped_fraction": n_clipped / step if step else 0.0}

@@ -14,7 +14,7 @@ from tests.helpers import TINY, env_plain, make_checkpoint
 
 TRAIN_TINY = ["--steps", "3", "--hidden", "8", "--layers", "1", "--embed", "4", "--seq-len", "8",
               "--batch", "2", "--eval-every", "2", "--sample-length", "10"]
-SCORE_KEYS = {"tokens", "logprob", "log10prob", "bits_per_token", "perplexity", "n_tokens", "oov"}
+SCORE_KEYS = {"tokens", "logprob", "log10prob", "bits_per_token", "perplexity", "perplexity_excl_oov", "n_tokens", "oov"}
 EVAL_KEYS = {"event", "step", "train_loss", "val_bpc", "tokens_per_s"}
 DONE_KEYS = {"event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "checkpoint"}
 

@@ -291,6 +291,38 @@ def test_float32_agrees_with_float64(cell, rng):
         assert rel_err(g32[k], g64[k]) < 1e-5, k
 
 
+# ------------------------------------------------------------------ common: fast activations
+def test_fast_tanh_and_sigmoid_error_is_bounded():
+    """float32 kernels use a rational tanh (and sigmoid = 0.5 + 0.5 tanh(x/2));
+    bound its error against the exact functions, over and beyond the clamp at |x| = 9."""
+    half = np.linspace(0.0, 20.0, 100001)
+    x = np.concatenate([-half[::-1], half])  # exactly symmetric grid
+    for dtype, tol_tanh, tol_sig in ((np.float32, 3.5e-7, 2.0e-7), (np.float64, 1e-15, 1e-15)):
+        xs = x.astype(dtype)
+        exact = np.tanh(xs.astype(np.float64))
+        th = np.empty_like(xs)
+        common.tanh_kernel(th, xs)
+        assert np.max(np.abs(th - exact)) < tol_tanh, dtype
+        assert np.max(np.abs(th)) <= 1.0
+        np.testing.assert_array_equal(th, -th[::-1])  # odd
+        sg = np.empty_like(xs)
+        common.sigmoid_kernel(sg, xs)
+        assert np.max(np.abs(sg - 1.0 / (1.0 + np.exp(-xs.astype(np.float64))))) < tol_sig, dtype
+        assert sg.min() >= 0.0 and sg.max() <= 1.0
+        special = np.array([np.inf, -np.inf, 0.0, np.nan], dtype)
+        out = np.empty_like(special)
+        common.tanh_kernel(out, special)
+        np.testing.assert_array_equal(out[:3], [1.0, -1.0, 0.0])
+        assert np.isnan(out[3])  # a diverging run must stay visible, not be clamped
+        common.sigmoid_kernel(out, special)
+        np.testing.assert_array_equal(out[:3], [1.0, 0.0, 0.5])
+        assert np.isnan(out[3])
+    # the pure-Python form of the approximation (used in float64 arithmetic)
+    grid = np.linspace(-12.0, 12.0, 4001)
+    approx = np.array([common.tanh_rational(float(v)) for v in grid])
+    assert np.max(np.abs(approx - np.tanh(grid))) < 2.5e-8
+
+
 # ------------------------------------------------------------------ common: linear, embedding
 def test_linear_forward_and_backward(rng):
     M, Din, K = 6, 4, 7

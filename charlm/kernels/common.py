@@ -174,17 +174,22 @@ def softmax_xent_forward(probs, logits, targets):
 
 @njit(**JIT)
 def log_softmax_gather(out, logits, targets):
-    """out[m] = log softmax(logits[m])[targets[m]] (float64 out (M,)); logits (M, V)."""
+    """out[m] = log softmax(logits[m])[targets[m]] (float64 out (M,)); logits (M, V).
+    A negative target gives out[m] = 0 (padding)."""
     M, V = logits.shape
     for m in range(M):
-        mx = logits[m, 0]
+        t = targets[m]
+        if t < 0:
+            out[m] = 0.0
+            continue
+        mx = np.float64(logits[m, 0])
         for v in range(1, V):
             if logits[m, v] > mx:
-                mx = logits[m, v]
+                mx = np.float64(logits[m, v])
         s = 0.0
         for v in range(V):
             s += np.exp(np.float64(logits[m, v]) - mx)
-        out[m] = (np.float64(logits[m, targets[m]]) - mx) - np.log(s)
+        out[m] = (np.float64(logits[m, t]) - mx) - np.log(s)
 
 
 @njit(**JIT)
