@@ -7,7 +7,9 @@ File: an uncompressed NumPy .npz (a zip of .npy arrays) holding
     state/h, state/c    (L, N, H) hidden state carried into the next training window
 The JSON holds: format ("charlm-checkpoint"), version, model (ModelConfig),
 train (TrainConfig), vocab, optimizer (name, t, ...), step, epoch, window,
-best_val_loss, rng (numpy bit-generator state), history, corpus, checksum.
+best_val_loss, rng (numpy bit-generator state), history, corpus, data (the
+run's token files: name, dtype, token counts, SHA-256), counters (tokens,
+train_seconds, clipped), checksum.
 checksum is the SHA-256 of every array's name, dtype, shape and bytes in name
 order followed by the JSON without the checksum; a file whose content does
 not match is refused.
@@ -54,6 +56,8 @@ class Checkpoint:
     rng: dict | None = None
     history: list = field(default_factory=list)
     corpus: str = ""
+    data: dict = field(default_factory=dict)      # token files of the run: names, dtype, sizes, sha256
+    counters: dict = field(default_factory=dict)  # tokens, train_seconds, clipped, ...
     path: str = ""
 
 
@@ -82,6 +86,7 @@ def save(ckpt: Checkpoint, path: str | os.PathLike) -> None:
         "step": ckpt.step, "epoch": ckpt.epoch, "window": ckpt.window,
         "best_val_loss": ckpt.best_val_loss,
         "rng": ckpt.rng, "history": ckpt.history, "corpus": ckpt.corpus,
+        "data": ckpt.data, "counters": ckpt.counters,
     }
     body = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
     meta["checksum"] = _digest(arrays, body)
@@ -160,6 +165,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
             step=int(meta.get("step", 0)), epoch=int(meta.get("epoch", 0)), window=int(meta.get("window", 0)),
             best_val_loss=meta.get("best_val_loss"), rng=meta.get("rng"),
             history=meta.get("history") or [], corpus=meta.get("corpus", ""), path=path,
+            data=meta.get("data") or {}, counters=meta.get("counters") or {},
         )
     except (KeyError, TypeError, ValueError, CharlmError) as e:
         raise CharlmError(f"{bad} (metadata: {e})") from None

@@ -45,6 +45,20 @@ def _show_token(tok: str) -> str:
     return {"\n": "\\n", "\t": "\\t", " ": "␣"}.get(tok, tok)
 
 
+THREADS_HELP = ("BLAS threads for matrix products. Default: all cores. On a machine busy with other work, 1 is "
+                "often much faster (a thread waiting for a busy core stalls every step).")
+
+
+def _limit_threads(threads: Optional[int]):
+    import contextlib
+    if threads is None:
+        return contextlib.nullcontext()
+    if threads <= 0:
+        fail(f"--threads must be positive, got {threads}")
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
 def _load_model(model: Optional[str]):
     from . import checkpoint
     from .model import Model
@@ -117,10 +131,20 @@ def train(
     encoding: Annotated[str, typer.Option(help="Text encoding of the corpus.")] = "utf-8",
     errors: Annotated[str, typer.Option(help="What to do with undecodable bytes: strict (stop with an error), "
                                                 "replace (U+FFFD) or ignore.")] = "strict",
-    sample_length: Annotated[int, typer.Option("--sample-length", help="Characters of the sample shown at each evaluation "
+    sample_length: Annotated[int, typer.Option("--sample-length", help="Tokens of the sample shown at each evaluation "
                                                                         "and at the end (0: none).")] = 200,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line (eval and done events) instead of the progress display.")] = False,
     quiet: Annotated[bool, typer.Option(help="No samples during training; only the progress bar and the summary.")] = False,
+    level: Annotated[str, typer.Option(help="Tokens: char (Unicode code points) or word (whitespace-separated, "
+                                            "<eos> at each line end, rare words as <unk>).")] = "char",
+    lower: Annotated[bool, typer.Option(help="Word level: lower-case the text first.")] = False,
+    min_count: Annotated[int, typer.Option("--min-count", help="Word level: keep words seen at least this often; "
+                                                                "the rest become <unk>.")] = 1,
+    max_vocab: Annotated[int, typer.Option("--max-vocab", help="Word level: at most this many tokens (the most "
+                                                                "frequent), <eos> and <unk> included.")] = 50_000,
+    val: Annotated[Optional[str], typer.Option(help="Validation text file; without it the last --val-frac of the "
+                                                    "corpus is held out.", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
 ):
     """Train a model on a text and save checkpoints (the latest and the best by validation loss).
 
@@ -143,7 +167,11 @@ def train(
         mcfg = ModelConfig(cell=cell, embed=embed, hidden=hidden, layers=layers, dropout=dropout)
         tcfg = TrainConfig(seq_len=seq_len, batch=batch, lr=lr, optimizer=optimizer, clip=clip,
                            steps=steps or 0, epochs=epochs or 0.0, minutes=(minutes or 0.0) if budget_given else 3.0,
-                           val_frac=val_frac, eval_every=eval_every, seed=seed)
+                           val_frac=val_frac, eval_every=eval_every, seed=seed, level=level, lower=lower,
+                           min_count=min_count, max_vocab=max_vocab)
+        val_text = read_text(val, encoding, errors, what="validation file") if val is not None else None
+        if val_text is not None and not val_text.strip():
+            fail(f"the validation file {val} is empty")
         for name, v in (("--steps", steps), ("--epochs", epochs), ("--minutes", minutes)):
             if v is not None and v <= 0:
                 fail(f"{name} must be positive, got {v}")
@@ -151,10 +179,10 @@ def train(
             fail(f"--sample-length must be 0 or positive, got {sample_length}")
         run_dir = Path(out_dir) if out_dir else _run_dir_name(corpus_name, cell)
         show_samples = 0 if (quiet or as_json) else sample_length
-        with _StopFlag() as stop:
-            events = run_train(text, mcfg, tcfg, run_dir, corpus_name=corpus_name,
+        with _StopFlag() as stop, _limit_threads(threads):
+            events = run_train(text, mcfg, tcfg, run_dir, corpus_name=corpus_name, val_text=val_text,
                                sample_chars=show_samples, should_stop=stop)
-            done = _render_training(events, as_json, quiet)
+            done = _render_training(events, as_json, quiet, level)
         if stop.signum:
             code = 128 + stop.signum
             err.print(f"stopped by {signal.Signals(stop.signum).name} at step {done['steps']}; "
@@ -171,7 +199,7 @@ def train(
         fail(str(e))
 
 
-def _render_training(events, as_json: bool, quiet: bool) -> dict:
+def _render_training(events, as_json: bool, quiet: bool, level: str = "char") -> dict:
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     if as_json:
@@ -179,12 +207,16 @@ def _render_training(events, as_json: bool, quiet: bool) -> dict:
         for ev in events:
             kind = ev["event"]
             if kind == "eval":
-                print(json.dumps({"event": "eval", "step": ev["step"], "train_loss": _num(ev["train_loss"]),
-                                  "val_bpc": _num(ev["val_bpc"]), "tokens_per_s": ev["tokens_per_s"]}), flush=True)
+                rec = {"event": "eval", "step": ev["step"], "train_loss": _num(ev["train_loss"]),
+                       "val_bpc": _num(ev["val_bpc"]), "tokens_per_s": ev["tokens_per_s"]}
+                if level == "word":
+                    rec["val_ppl"] = _num(ev["val_ppl"])
+                print(json.dumps(rec), flush=True)
             elif kind == "done":
                 done = ev
-                print(json.dumps({k: ev[k] for k in ("event", "steps", "tokens", "seconds", "tokens_per_s",
-                                                     "best_val_bpc", "checkpoint")}), flush=True)
+                keys = ("event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "checkpoint")
+                print(json.dumps({k: ev[k] for k in keys + (("best_val_ppl",) if level == "word" else ())}),
+                      flush=True)
             elif kind in ("note", "nonfinite"):
                 err.print(f"[yellow]note:[/] {escape(ev.get('message') or 'non-finite loss: update skipped, learning rate halved to %g' % ev['lr'])}")
         return done
@@ -192,7 +224,7 @@ def _render_training(events, as_json: bool, quiet: bool) -> dict:
     progress = Progress(
         TextColumn("[bold]train[/]"), BarColumn(), TaskProgressColumn(),
         TextColumn("step {task.fields[step]}"), TextColumn("loss {task.fields[loss]}"),
-        TextColumn("val {task.fields[bpc]} bpc"), TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("val {task.fields[bpc]} " + ("ppl" if level == "word" else "bpc")), TextColumn("{task.fields[tps]} tok/s"),
         TimeRemainingColumn(), console=err, transient=False)
     task = None
     done = None
@@ -227,10 +259,12 @@ def _render_training(events, as_json: bool, quiet: bool) -> dict:
                 progress.console.print(f"[yellow]step {ev['step']}: loss is not finite; update skipped, "
                                        f"learning rate halved to {ev['lr']:g}[/]")
             elif kind == "eval":
-                last_bpc = f"{ev['val_bpc']:.3f}" if math.isfinite(ev["val_bpc"]) else "-"
+                metric = ev["val_ppl"] if level == "word" else ev["val_bpc"]
+                last_bpc = f"{metric:.3f}" if math.isfinite(metric) else "-"
                 progress.update(task, bpc=last_bpc)
                 if not quiet and ev["sample"]:
-                    progress.console.print(f"[dim]── step {ev['step']}, val {last_bpc} bpc ──[/]")
+                    unit = "ppl" if level == "word" else "bpc"
+                    progress.console.print(f"[dim]── step {ev['step']}, val {last_bpc} {unit} ──[/]")
                     progress.console.print(escape(ev["sample"]), soft_wrap=True)
             elif kind == "done":
                 done = ev
@@ -247,7 +281,10 @@ def _render_training(events, as_json: bool, quiet: bool) -> dict:
     table.add_row("tokens", f"{done['tokens']:,}")
     table.add_row("time", f"{done['seconds']:.1f} s")
     table.add_row("tokens/s", f"{done['tokens_per_s']:,.0f}")
-    table.add_row("best val bpc", f"{done['best_val_bpc']:.4f}" if done["best_val_bpc"] is not None else "-")
+    if level == "word":
+        table.add_row("best val perplexity", f"{done['best_val_ppl']:.2f}" if done["best_val_ppl"] is not None else "-")
+    table.add_row("best val bits/token" if level == "word" else "best val bpc",
+                  f"{done['best_val_bpc']:.4f}" if done["best_val_bpc"] is not None else "-")
     table.add_row("clipped steps", f"{100 * done['clipped_fraction']:.1f} %")
     table.add_row("best checkpoint", done["checkpoint"])
     table.add_row("latest checkpoint", done["latest"])
@@ -265,8 +302,9 @@ def sample(
         "Default: the most recently written run under models/.", show_default=False)] = None,
     temp: Annotated[float, typer.Option(help="Temperature: below 1 is more conservative, above 1 more varied.")] = 0.8,
     length: Annotated[int, typer.Option(help="Number of tokens to generate.")] = 500,
-    prime: Annotated[str, typer.Option(help="Text to start from; it is printed first. Characters not in the "
-                                            "vocabulary are skipped with a warning.")] = "",
+    prime: Annotated[str, typer.Option(help="Text to start from (words, for a word model); it is printed first. "
+                                            "Characters not in the vocabulary are skipped, words not in it are fed "
+                                            "as <unk>, with a warning.")] = "",
     seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text. Default: random.",
                                                 show_default=False)] = None,
     greedy: Annotated[bool, typer.Option(help="Always take the most likely token (ignores --temp).")] = False,
@@ -284,8 +322,12 @@ def sample(
         from .sample import generate
         _, oov = ck.vocab.encode(prime)
         if oov:
-            chars = "".join(sorted({c for _, c in oov}))
-            warn(f"{len(oov)} prime character(s) not in the model's vocabulary were skipped: {chars!r}")
+            if ck.vocab.level == "word":
+                words = " ".join(sorted({w for _, w in oov}))
+                warn(f"{len(oov)} prime word(s) not in the model's vocabulary are fed as <unk>: {words}")
+            else:
+                chars = "".join(sorted({c for _, c in oov}))
+                warn(f"{len(oov)} prime character(s) not in the model's vocabulary were skipped: {chars!r}")
         sys.stdout.write(prime)
         for chunk in generate(m, ck.vocab, length, temperature=temp, prime=prime, seed=seed,
                               top_k=top_k, greedy=greedy):
@@ -296,6 +338,12 @@ def sample(
         fail(str(e))
 
 
+PPL_HELP = ("With N scored tokens (the end factor included, as KenLM counts them) and total ln P: "
+            "perplexity = exp(-ln P / N); perplexity excluding OOV = exp(-(ln P - ln P_oov) / (N - n_oov)), "
+            "where ln P_oov sums the factors of out-of-vocabulary words (P(<unk> | history)); "
+            "bits per token = -ln P / (N ln 2).")
+
+
 @app.command()
 def score(
     text: Annotated[Optional[str], typer.Argument(help="The text to score; '-' reads standard input, one text per line.",
@@ -303,15 +351,16 @@ def score(
     file: Annotated[Optional[str], typer.Option(help="Read texts from this file, one per line.", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option(help="Checkpoint file or run directory. Default: the most recent run "
                                                       "under models/.", show_default=False)] = None,
-    no_eos: Annotated[bool, typer.Option("--no-eos", help="Leave out the end-of-text factor P(newline | text).")] = False,
+    no_eos: Annotated[bool, typer.Option("--no-eos", help="Leave out the end-of-sentence factor P(<eos> | text) "
+                                                          "(the newline for character models).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ):
     """Score text by the chain rule: P(W) = prod_k P(w_k | w_1..w_(k-1)), token by token.
 
-    The context starts from the zero state with a newline fed as the first input (the begin-of-text context);
-    the last factor is P(newline | the whole text) unless --no-eos. Characters outside the vocabulary are left
-    out of the product and counted as OOV. Perplexity = exp(-ln P / N), bits per token = -log2 P / N, where N
-    counts the scored tokens (including the end factor).
+    Each text starts from the begin-of-sentence context (the zero state with <eos>, or a newline for character
+    models, fed first, like KenLM's <s>) and ends with the factor P(<eos> | the whole text) unless --no-eos.
+    A word outside the vocabulary contributes P(<unk> | history) and counts as OOV; a character outside it is
+    left out of the product and counted as OOV.
     """
     from .data import read_text
     from .score import corpus_total, score_text
@@ -339,24 +388,86 @@ def score(
             else:
                 print(json.dumps({"texts": [strip(r) for r in results], "total": total}, ensure_ascii=False))
             return
+        word = ck.vocab.level == "word"
         for i, (t, r) in enumerate(zip(texts, results)):
             table = Table(title=f"text {i + 1}" if len(texts) > 1 else None)
             table.add_column("token")
+            table.add_column("id", justify="right")
             table.add_column("P(token | before)", justify="right")
             table.add_column("ln P", justify="right")
+            table.add_column("log10 P", justify="right")
             for tk in r["tokens"]:
-                table.add_row(escape(_show_token(tk["token"])), f"{tk['prob']:.6g}", f"{tk['logprob']:.4f}")
+                tid = f"<unk>={tk['id']}" if tk["oov"] else str(tk["id"])
+                table.add_row(escape(_show_token(tk["token"]) if not word else tk["token"]), tid,
+                              f"{tk['prob']:.6g}", f"{tk['logprob']:.4f}", f"{tk['logprob'] / math.log(10):.4f}")
             out.print(table)
-            out.print(f"ln P = {r['logprob']:.4f}   log10 P = {r['log10prob']:.4f}   "
-                      f"bits/char = {r['bits_per_token']:.4f}   perplexity = {r['perplexity']:.4f}   "
-                      f"tokens = {r['n_tokens']}   OOV = {r['oov']}"
-                      + (f" ({escape(''.join(r['oov_tokens']))!s})" if r["oov"] else ""))
+            unit = "bits/token" if word else "bits/char"
+            out.print(f"Total (log10 P) = {r['log10prob']:.4f}   ln P = {r['logprob']:.4f}   OOV = {r['oov']}"
+                      + (f" ({escape(' '.join(r['oov_tokens']))!s})" if r["oov"] else "")
+                      + f"   {unit} = {r['bits_per_token']:.4f}   perplexity = {r['perplexity']:.4f}"
+                      + f"   tokens = {r['n_tokens']}")
         if len(texts) > 1:
-            out.print(f"[bold]total[/] over {len(texts)} texts: ln P = {total['logprob']:.4f}   "
-                      f"log10 P = {total['log10prob']:.4f}   bits/char = {total['bits_per_token']:.4f}   "
-                      f"perplexity = {total['perplexity']:.4f}   tokens = {total['n_tokens']}   OOV = {total['oov']}")
+            out.print(f"[bold]total[/] over {len(texts)} texts: log10 P = {total['log10prob']:.4f}   "
+                      f"ln P = {total['logprob']:.4f}   tokens = {total['n_tokens']}   OOV = {total['oov']}")
+            out.print(f"Perplexity including OOVs: {total['perplexity']:.4f}")
+            out.print(f"Perplexity excluding OOVs: {total['perplexity_excl_oov']:.4f}")
     except CharlmError as e:
         fail(str(e))
+
+
+score.__doc__ += "\n\n" + PPL_HELP
+
+
+@app.command("eval")
+def eval_cmd(
+    file: Annotated[str, typer.Argument(help="Text file to evaluate ('-' reads standard input).", show_default=False)],
+    model: Annotated[Optional[str], typer.Option(help="Checkpoint file or run directory. Default: the most recent run "
+                                                      "under models/.", show_default=False)] = None,
+    streams: Annotated[int, typer.Option(help="Score the file as K contiguous parts side by side, for speed. Each part "
+                                              "restarts from the zero state, so K > 1 is slightly pessimistic; "
+                                              "1 is exact (the state is carried through the whole file).")] = 1,
+    encoding: Annotated[str, typer.Option(help="Text encoding of the file.")] = "utf-8",
+    errors: Annotated[str, typer.Option(help="Undecodable bytes: strict, replace or ignore.")] = "strict",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the summary.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
+):
+    """Perplexity (word models) or bits per character (character models) of a whole file.
+
+    The file is one token sequence (one <eos> per line for word models, the newline characters for character
+    models) scored from the begin context, the first input being <eos> (or a newline).
+    """
+    from .data import read_text
+    from .score import evaluate_text
+    try:
+        if streams <= 0:
+            fail(f"--streams must be positive, got {streams}")
+        text = read_text(file, encoding, errors, what="file")
+        ck, m = _load_model(model)
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+        with _limit_threads(threads), Progress(
+                TextColumn("[bold]eval[/]"), BarColumn(), TaskProgressColumn(),
+                TextColumn("{task.fields[count]} tokens"), TimeRemainingColumn(),
+                console=err, transient=True, disable=as_json) as progress:
+            task = progress.add_task("eval", total=None, count="-")  # total unknown until the text is encoded
+            r = evaluate_text(m, ck.vocab, text, streams=streams,
+                              progress=lambda d, n: progress.update(task, completed=d, total=n,
+                                                                    count=f"{d:,}/{n:,}"))
+        if as_json:
+            print(json.dumps({k: r[k] for k in ("n_tokens", "logprob", "perplexity", "perplexity_excl_oov",
+                                                 "bits_per_token", "oov")}))
+            return
+        word = ck.vocab.level == "word"
+        out.print(f"tokens = {r['n_tokens']:,}   ln P = {r['logprob']:.2f}   OOV = {r['oov']:,}   streams = {r['streams']}")
+        if word:
+            out.print(f"perplexity = {r['perplexity']:.3f}   perplexity excluding OOVs = {r['perplexity_excl_oov']:.3f}"
+                      f"   bits/token = {r['bits_per_token']:.4f}")
+        else:
+            out.print(f"bits/char = {r['bits_per_token']:.4f}   perplexity = {r['perplexity']:.4f}")
+    except CharlmError as e:
+        fail(str(e))
+
+
+eval_cmd.__doc__ += "\n\n" + PPL_HELP
 
 
 def main():

@@ -11,6 +11,7 @@ import os
 import stat
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -67,12 +68,19 @@ class Vocab:
                         lower: bool = False) -> "Vocab":
         """Word vocabulary: <eos>, <unk>, then the words seen at least min_count
         times, most frequent first (ties alphabetical), max_vocab tokens in all."""
+        from collections import Counter
+        return cls.words_from_counts(Counter((text.lower() if lower else text).split()),
+                                     min_count=min_count, max_vocab=max_vocab, lower=lower)
+
+    @classmethod
+    def words_from_counts(cls, counts, *, min_count: int = 1, max_vocab: int = 50_000,
+                          lower: bool = False) -> "Vocab":
+        """Word vocabulary from a Counter of words (see words_from_text)."""
         if min_count < 1:
             raise CharlmError(f"--min-count must be at least 1, got {min_count}")
         if max_vocab < 3:
             raise CharlmError(f"--max-vocab must be at least 3, got {max_vocab}")
-        from collections import Counter
-        counts = Counter((text.lower() if lower else text).split())
+        counts = dict(counts)
         counts.pop(EOS_WORD, None)
         counts.pop(UNK_WORD, None)
         kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
@@ -184,53 +192,104 @@ def default_corpus() -> tuple[str, str]:
     return "\n".join(topics[k] for k in sorted(topics)), "pydoc-topics"
 
 
-def read_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus") -> str:
-    """Read a whole text file ('-' is standard input) with errors a person can act on.
-
-    A UTF-8 byte-order mark is dropped and CRLF / CR line ends become LF.
-    """
-    if path == "-":
-        data = sys.stdin.buffer.read()
-        name = "standard input"
-    else:
-        name = path
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise CharlmError(f"{what} not found: {path}") from None
-        except OSError as e:
-            raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise CharlmError(f"{path} is a directory; give a text file")
-        if not stat.S_ISREG(st.st_mode):
-            raise CharlmError(f"{path} is not a regular file (a FIFO, socket or device); give a text file")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except PermissionError:
-            raise CharlmError(f"permission denied reading {what} {path}") from None
-        except OSError as e:
-            raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+def _check_source(path: str, what: str) -> None:
+    """Refuse missing files, directories, FIFOs and devices with a clear message."""
     try:
-        import codecs
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CharlmError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CharlmError(f"{path} is a directory; give a text file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CharlmError(f"{path} is not a regular file (a FIFO, socket or device); give a text file")
+
+
+def _check_codec(encoding: str, errors: str) -> None:
+    import codecs
+    try:
         codecs.lookup(encoding)
     except LookupError:
         raise CharlmError(f"unknown --encoding {encoding!r}") from None
     if errors not in ("strict", "replace", "ignore"):
         raise CharlmError(f"--errors must be strict, replace or ignore, got {errors!r}")
-    skipped = 0  # bytes dropped from the front, so error offsets stay file offsets
-    if encoding.lower().replace("_", "-") in ("utf-8", "utf8") and data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-        skipped = 3
+
+
+def iter_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus",
+              chunk_bytes: int = 1 << 24):
+    """Stream a text file ('-' is standard input) as str pieces that end at line
+    boundaries (all but the last), decoding incrementally, so a corpus larger
+    than memory can be read. A UTF-8 byte-order mark is dropped and CRLF / CR
+    line ends become LF. Errors name the problem and the byte offset."""
+    import codecs
+    _check_codec(encoding, errors)
+    if path == "-":
+        f = sys.stdin.buffer
+        name = "standard input"
+    else:
+        _check_source(path, what)
+        name = path
+        try:
+            f = open(path, "rb")
+        except PermissionError:
+            raise CharlmError(f"permission denied reading {what} {path}") from None
+        except OSError as e:
+            raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
+    fed = 0          # bytes handed to the decoder so far
+    carry = ""       # text after the last newline, held for the next piece
+    first = True
     try:
-        text = data.decode(encoding, errors=errors)
-    except UnicodeDecodeError as e:
-        raise CharlmError(
-            f"{name} is not valid {encoding}: bad byte 0x{data[e.start]:02x} at offset {e.start + skipped}; "
-            f"pass --encoding ENCODING, or --errors replace to substitute U+FFFD") from None
+        while True:
+            try:
+                data = f.read(chunk_bytes)
+            except OSError as e:
+                raise CharlmError(f"cannot read {what} {name}: {e.strerror}") from None
+            final = not data
+            if first and utf8 and data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+                fed += 3
+            first = False
+            buffered = len(decoder.getstate()[0]) if hasattr(decoder, "getstate") else 0
+            try:
+                text = decoder.decode(data, final=final)
+            except UnicodeDecodeError as e:
+                offset = fed - buffered + e.start
+                bad = e.object[e.start] if e.start < len(e.object) else 0
+                raise CharlmError(
+                    f"{name} is not valid {encoding}: bad byte 0x{bad:02x} at offset {offset}; "
+                    f"pass --encoding ENCODING, or --errors replace to substitute U+FFFD") from None
+            fed += len(data)
+            text = carry + text
+            if final:
+                if text:
+                    yield _normalize_newlines(text)
+                return
+            cut = text.rfind("\n")
+            if cut < 0:
+                carry = text
+                continue
+            carry = text[cut + 1:]
+            yield _normalize_newlines(text[:cut + 1])
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def _normalize_newlines(text: str) -> str:
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text
+
+
+def read_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus") -> str:
+    """Read a whole text file ('-' is standard input) with errors a person can act on.
+
+    A UTF-8 byte-order mark is dropped and CRLF / CR line ends become LF.
+    """
+    return "".join(iter_text(path, encoding, errors, what))
 
 
 def split_train_val(ids: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndarray]:
@@ -280,3 +339,82 @@ def eval_windows(ids: np.ndarray, seq_len: int, streams: int):
         T = min(seq_len, L - start)
         idx = offs[None, :] + start + np.arange(T)[:, None]
         yield ids[idx].astype(np.int32), ids[idx + 1].astype(np.int32)
+
+
+# ----------------------------------------------------------------- corpora on disk
+TOKENS_FILE = "tokens.bin"
+VAL_TOKENS_FILE = "val_tokens.bin"
+
+
+def scan_vocab(pieces, level: str, *, lower: bool = False, min_count: int = 1,
+               max_vocab: int = 50_000) -> Vocab:
+    """First streaming pass: the vocabulary of a corpus given as text pieces."""
+    if level == "word":
+        from collections import Counter
+        counts: Counter = Counter()
+        for piece in pieces:
+            counts.update((piece.lower() if lower else piece).split())
+        return Vocab.words_from_counts(counts, min_count=min_count, max_vocab=max_vocab, lower=lower)
+    chars: set[str] = set()
+    for piece in pieces:
+        chars.update(piece)
+    return Vocab(tuple(sorted(chars | {EOS_CHAR})), "char")
+
+
+def write_tokens(pieces, vocab: Vocab, path) -> tuple[np.ndarray, dict[str, int]]:
+    """Second streaming pass: encode pieces into a raw id file (the smallest
+    integer type that holds the vocabulary), written to a temporary file and
+    renamed into place. Returns the ids memory-mapped read-only, and the counts of
+    out-of-vocabulary tokens (characters are left out, words become <unk>)."""
+    from collections import Counter
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    dtype = id_dtype(len(vocab))
+    oov: Counter = Counter()
+    try:
+        with open(tmp, "wb") as raw:
+            for piece in pieces:
+                if _has_oov(vocab, piece):
+                    ids, bad = vocab.encode(piece)
+                    oov.update(tok for _, tok in bad)
+                else:
+                    ids = vocab.encode_corpus(piece)
+                raw.write(np.asarray(ids, dtype=dtype).tobytes())
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CharlmError(f"could not write the token file {path}: {e.strerror or e}") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    return open_tokens(path, dtype), dict(oov)
+
+
+def open_tokens(path, dtype) -> np.ndarray:
+    """A raw id file memory-mapped read-only (an empty file gives an empty array)."""
+    path = Path(path)
+    dtype = np.dtype(dtype)
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _has_oov(vocab: Vocab, piece: str) -> bool:
+    if vocab.level == "word":
+        index = vocab._index
+        return any(w not in index for w in (piece.lower() if vocab.lower else piece).split())
+    index = vocab._index
+    return any(c not in index for c in set(piece))
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

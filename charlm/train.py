@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from . import checkpoint as ckpt_mod
 from .config import ModelConfig, TrainConfig
-from .data import Batches, Vocab, eval_windows, split_train_val
+from .data import (TOKENS_FILE, VAL_TOKENS_FILE, Batches, Vocab, eval_windows, file_digest, open_tokens,
+                   scan_vocab, split_train_val, write_tokens)
 from .errors import CharlmError
 from .model import Model
 from .optim import clip_scale, grad_norm, make_optimizer
@@ -62,6 +64,21 @@ def _warm_up(model: Model, batches: Batches, with_sampler: bool, vocab: Vocab) -
         "".join(generate(model, vocab, 2, seed=0))
 
 
+@dataclass
+class Source:
+    """A corpus to read: pieces() yields its text in pieces and may be called
+    twice (vocabulary pass, encoding pass), so a file larger than memory streams."""
+    pieces: Callable[[], Iterable[str]]
+    name: str = ""
+
+    @classmethod
+    def of(cls, text_or_source, name: str = "") -> "Source | None":
+        if text_or_source is None or isinstance(text_or_source, Source):
+            return text_or_source
+        text = text_or_source
+        return cls(lambda: [text], name)
+
+
 def build_vocab(text: str, cfg: TrainConfig, extra_text: str = "") -> Vocab:
     """Characters: every code point of the training (and validation) text.
     Words: from the training text only, by count (cfg.min_count, cfg.max_vocab)."""
@@ -70,42 +87,169 @@ def build_vocab(text: str, cfg: TrainConfig, extra_text: str = "") -> Vocab:
     return Vocab.from_text(text + extra_text)
 
 
-def train(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, *,
-          val_text: str | None = None,
+@dataclass
+class _Run:
+    """Everything that resumes: the loop's position and counters."""
+    step: int = 0
+    epoch: int = 0
+    window: int = 0
+    lr: float = 0.0
+    best_val: float | None = None
+    history: list = field(default_factory=list)
+    tokens: int = 0
+    train_seconds: float = 0.0
+    clipped: int = 0
+
+
+def _prepare_tokens(source: Source, val_source: Source | None, cfg: TrainConfig, run_dir: Path,
+                    vocab: Vocab | None) -> tuple[Vocab, np.ndarray, np.ndarray, dict, dict]:
+    """Tokenise the corpus (and validation file) into id files in run_dir, streaming."""
+    if vocab is None:
+        if cfg.level == "word":
+            vocab = scan_vocab(source.pieces(), "word", lower=cfg.lower, min_count=cfg.min_count,
+                               max_vocab=cfg.max_vocab)
+        else:
+            pieces = source.pieces() if val_source is None else _chain(source.pieces(), val_source.pieces())
+            vocab = scan_vocab(pieces, "char")
+    ids, oov = write_tokens(source.pieces(), vocab, run_dir / TOKENS_FILE)
+    data = {"tokens": TOKENS_FILE, "dtype": ids.dtype.str, "n_tokens": int(len(ids)),
+            "sha256": file_digest(run_dir / TOKENS_FILE)}
+    if val_source is not None:
+        vals, _ = write_tokens(val_source.pieces(), vocab, run_dir / VAL_TOKENS_FILE)
+        val_ids = np.concatenate([[vocab.eos_id], vals]).astype(ids.dtype)
+        train_ids = ids
+        data.update(val_tokens=VAL_TOKENS_FILE, n_val_file=int(len(vals)),
+                    val_sha256=file_digest(run_dir / VAL_TOKENS_FILE))
+    else:
+        train_ids, val_ids = split_train_val(ids, cfg.val_frac)
+    data["n_train"] = int(len(train_ids))
+    return vocab, train_ids, val_ids, data, oov
+
+
+def _chain(*iterables):
+    for it in iterables:
+        yield from it
+
+
+def _reopen_tokens(ck: ckpt_mod.Checkpoint, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The token files a checkpoint's run was trained on, checked against their digests."""
+    data = ck.data
+    if not data.get("tokens"):
+        raise CharlmError(f"{ck.path} records no token files; it cannot be resumed (use --init-from to fine-tune)")
+    path = run_dir / data["tokens"]
+    if not path.is_file():
+        raise CharlmError(f"cannot resume: the run's token file {path} is missing; keep the run directory whole, "
+                          f"or start again with --init-from {ck.path}")
+    if file_digest(path) != data["sha256"]:
+        raise CharlmError(f"cannot resume: {path} does not match the checkpoint (it was changed)")
+    ids = open_tokens(path, data["dtype"])
+    if data.get("val_tokens"):
+        vpath = run_dir / data["val_tokens"]
+        if not vpath.is_file() or file_digest(vpath) != data["val_sha256"]:
+            raise CharlmError(f"cannot resume: the validation token file {vpath} is missing or changed")
+        vals = open_tokens(vpath, data["dtype"])
+        return ids, np.concatenate([[ck.vocab.eos_id], vals]).astype(ids.dtype)
+    n = data["n_train"]
+    return ids[:n], ids[n:]
+
+
+def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir: str | Path | None, *,
+          val_text=None, resume: ckpt_mod.Checkpoint | None = None,
+          init_from: ckpt_mod.Checkpoint | None = None, strict_vocab: bool = False,
+          checkpoint_every: int = 0,
           corpus_name: str = "", sample_chars: int = 200, sample_temp: float = 0.8,
           should_stop: Callable[[], bool] = lambda: False,
           clock: Callable[[], float] = time.perf_counter) -> Iterator[dict]:
-    """Train a new model on text; write latest.npz / best.npz into run_dir.
+    """Train a model; write latest.npz / best.npz (and the token files) into run_dir.
 
-    Validation: val_text if given, else the last train_cfg.val_frac of text."""
-    if not text:
-        raise CharlmError("the corpus is empty; give a text file with some content")
-    vocab = build_vocab(text, train_cfg, val_text or "")
-    ids = vocab.encode_corpus(text)
-    if val_text is not None:
-        train_ids = ids
-        val_ids = np.concatenate([[vocab.eos_id], vocab.encode_corpus(val_text)]).astype(ids.dtype)
+    corpus: a str or a Source. Validation: val_text (str or Source) if given, else
+    the last train_cfg.val_frac of the corpus.
+    resume: continue that checkpoint's run exactly (its configuration, vocabulary,
+    token files, weights, optimizer moments, step, learning rate, RNG, data
+    position and carried state); train_cfg then only sets the new budget, counted
+    from the checkpoint's step.
+    init_from: start a new run from that checkpoint's weights and vocabulary
+    (fine-tuning); tokens outside the vocabulary are reported (and refused with
+    strict_vocab).
+    """
+    if resume is not None:
+        run_dir = Path(resume.path).parent if run_dir is None else Path(run_dir)
+        vocab = resume.vocab
+        mcfg = resume.model
+        base = resume.train or train_cfg
+        train_cfg = TrainConfig(**{**base.to_dict(), "steps": train_cfg.steps, "epochs": train_cfg.epochs,
+                                   "minutes": train_cfg.minutes})
+        train_ids, val_ids = _reopen_tokens(resume, run_dir)
+        data = dict(resume.data)
+        corpus_name = resume.corpus
     else:
-        train_ids, val_ids = split_train_val(ids, train_cfg.val_frac)
+        source = Source.of(corpus, corpus_name)
+        val_source = Source.of(val_text, "validation")
+        if source is None:
+            raise CharlmError("no corpus given")
+        run_dir = Path(run_dir)
+        created = next((p for p in [*reversed(run_dir.absolute().parents), run_dir.absolute()]
+                        if not p.exists()), None)  # the first folder this run creates, removed on failure
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CharlmError(f"cannot create output folder {run_dir}: {e.strerror}") from None
+        try:
+            vocab, train_ids, val_ids, data, oov = _prepare_tokens(
+                source, val_source, train_cfg, run_dir, init_from.vocab if init_from else None)
+            if len(train_ids) == 0:
+                raise CharlmError("the corpus is empty; give a text file with some content")
+            Batches(train_ids, train_cfg.seq_len, train_cfg.batch)  # too short: fail before anything is kept
+        except BaseException:
+            if created is not None:
+                import shutil
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        if oov:
+            total = sum(oov.values())
+            top = ", ".join(f"{t!r} ×{c}" for t, c in sorted(oov.items(), key=lambda kv: -kv[1])[:10])
+            what = "mapped to <unk>" if vocab.level == "word" else "left out"
+            if strict_vocab:
+                raise CharlmError(f"{total} tokens of the corpus ({len(oov)} distinct) are not in the vocabulary of "
+                                  f"{init_from.path}: {top}; drop --strict-vocab to map them to <unk>")
+            yield {"event": "note", "message": f"{total} tokens ({len(oov)} distinct) are not in the model's "
+                                               f"vocabulary and are {what}: {top}"}
+        if init_from is not None:
+            mcfg = init_from.model
+        else:
+            mcfg = ModelConfig(**{**model_cfg.to_dict(), "vocab_size": len(vocab)})
     batches = Batches(train_ids, train_cfg.seq_len, train_cfg.batch)
     if batches.N < train_cfg.batch:
         yield {"event": "note", "message": f"the corpus is short: training {batches.N} parallel streams instead of --batch {train_cfg.batch}"}
-    if train_cfg.level == "word":
+    if train_cfg.level == "word" and resume is None:
         n_unk = int((train_ids == vocab.unk_id).sum())
         yield {"event": "note", "message": f"word vocabulary: {len(vocab):,} tokens; {n_unk:,} of {len(train_ids):,} "
                                            f"training tokens are <unk>"}
     if len(val_ids) < 2:
         yield {"event": "note", "message": "the corpus is too short to hold out a validation set; reporting training loss only"}
-    mcfg = ModelConfig(**{**model_cfg.to_dict(), "vocab_size": len(vocab)})
-    model = Model.create(mcfg, seed=train_cfg.seed)
+
+    if resume is not None:
+        model = Model(mcfg, {k: np.array(v) for k, v in resume.params.items()})
+    elif init_from is not None:
+        model = Model(mcfg, {k: np.array(v, dtype=np.float32) for k, v in init_from.params.items()})
+    else:
+        model = Model.create(mcfg, seed=train_cfg.seed)
     opt = make_optimizer(train_cfg.optimizer, model.params)
     grads = model.zero_grads()
     rng = np.random.default_rng(train_cfg.seed)
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CharlmError(f"cannot create output folder {run_dir}: {e.strerror}") from None
+    run = _Run(lr=train_cfg.lr)
+    state = model.zero_state(batches.N)
+    if resume is not None:
+        opt.load_state(resume.optimizer, resume.opt_arrays)
+        rng.bit_generator.state = resume.rng
+        c = resume.counters
+        run = _Run(step=resume.step, epoch=resume.epoch, window=resume.window,
+                   lr=float(resume.optimizer.get("lr", train_cfg.lr)), best_val=resume.best_val_loss,
+                   history=list(resume.history), tokens=int(c.get("tokens", 0)),
+                   train_seconds=float(c.get("train_seconds", 0.0)), clipped=int(c.get("clipped", 0)))
+        if "h" in resume.state and resume.state["h"].shape == state.h.shape:
+            state.h[...] = resume.state["h"]
+            state.c[...] = resume.state["c"]
 
     t0 = clock()
     yield {"event": "compiling"}
@@ -113,108 +257,134 @@ def train(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: st
     yield {"event": "compiled", "seconds": clock() - t0}
 
     wpe = batches.windows_per_epoch
-    total_steps = train_cfg.steps or (int(math.ceil(train_cfg.epochs * wpe)) if train_cfg.epochs else 0)
+    first_step = run.step
+    budget = train_cfg.steps or (int(math.ceil(train_cfg.epochs * wpe)) if train_cfg.epochs else 0)
+    total_steps = first_step + budget if budget else 0
     deadline = train_cfg.minutes * 60.0 if train_cfg.minutes else 0.0
     n_params = sum(p.size for p in model.params.values())
     yield {"event": "start", "run_dir": str(run_dir), "n_train": int(len(train_ids)), "n_val": int(len(val_ids)),
            "vocab_size": len(vocab), "streams": batches.N, "windows_per_epoch": wpe,
-           "total_steps": total_steps or None, "deadline_s": deadline or None, "params": int(n_params)}
+           "first_step": first_step, "total_steps": total_steps or None, "deadline_s": deadline or None,
+           "params": int(n_params), "resumed": resume is not None}
 
-    state = model.zero_state(batches.N)
-    step = epoch = window = 0
-    lr = train_cfg.lr
-    best_val = None
-    history: list[dict] = []
-    train_seconds = 0.0
-    tokens = 0
     since_eval_loss = 0.0
     since_eval_n = 0
-    n_clipped = 0
     nonfinite_run = 0
     start = clock()
     best_path = run_dir / ckpt_mod.BEST
     latest_path = run_dir / ckpt_mod.LATEST
     reason = "budget"
+    snapshot = _snapshot(model, opt, state)
+    tokens_at_start, seconds_at_start = run.tokens, run.train_seconds
 
-    def save(path: Path):
+    def save(path: Path) -> Iterator[dict]:
+        if not all(np.isfinite(p).all() for p in model.params.values()):
+            yield {"event": "note", "message": f"not saving {path}: the weights are not finite"}
+            return
         ck = ckpt_mod.Checkpoint(
             model=mcfg, vocab=vocab, params=model.params, train=train_cfg,
-            optimizer={**opt.state_meta(), "lr": lr}, opt_arrays=opt.state_arrays(),
-            state={"h": state.h, "c": state.c}, step=step, epoch=epoch, window=window,
-            best_val_loss=best_val, rng=rng.bit_generator.state, history=history, corpus=corpus_name)
+            optimizer={**opt.state_meta(), "lr": run.lr}, opt_arrays=opt.state_arrays(),
+            state={"h": state.h, "c": state.c}, step=run.step, epoch=run.epoch, window=run.window,
+            best_val_loss=run.best_val, rng=rng.bit_generator.state, history=run.history, corpus=corpus_name,
+            data=data, counters={"tokens": run.tokens, "train_seconds": run.train_seconds, "clipped": run.clipped})
         ckpt_mod.save(ck, path)
+        yield {"event": "saved", "path": str(path)}
+
+    def rate() -> float:
+        t = run.train_seconds - seconds_at_start
+        return (run.tokens - tokens_at_start) / t if t > 0 else 0.0
 
     def do_eval() -> Iterator[dict]:
-        nonlocal best_val, since_eval_loss, since_eval_n
+        nonlocal since_eval_loss, since_eval_n
         val = evaluate(model, val_ids, train_cfg.seq_len, batches.N) if len(val_ids) >= 2 else float("nan")
         train_loss = since_eval_loss / since_eval_n if since_eval_n else float("nan")
         since_eval_loss, since_eval_n = 0.0, 0
-        improved = math.isfinite(val) and (best_val is None or val < best_val)
+        improved = math.isfinite(val) and (run.best_val is None or val < run.best_val)
         if improved:
-            best_val = val
-        history.append({"step": step, "train_loss": train_loss if math.isfinite(train_loss) else None,
-                        "val_loss": val if math.isfinite(val) else None,
-                        "clipped": n_clipped, "lr": lr})
+            run.best_val = val
+        run.history.append({"step": run.step, "train_loss": train_loss if math.isfinite(train_loss) else None,
+                            "val_loss": val if math.isfinite(val) else None,
+                            "clipped": run.clipped, "lr": run.lr})
         sample = ""
         if sample_chars > 0:
             from .sample import generate
-            sample = "".join(generate(model, vocab, sample_chars, temperature=sample_temp, seed=step))
-        yield {"event": "eval", "step": step, "train_loss": train_loss, "val_loss": val,
+            sample = "".join(generate(model, vocab, sample_chars, temperature=sample_temp, seed=run.step))
+        yield {"event": "eval", "step": run.step, "train_loss": train_loss, "val_loss": val,
                "val_bpc": val / LN2, "val_ppl": math.exp(val) if math.isfinite(val) else float("nan"),
-               "tokens_per_s": tokens / train_seconds if train_seconds else 0.0,
-               "sample": sample, "best": improved}
-        save(latest_path)
-        yield {"event": "saved", "path": str(latest_path)}
-        if improved or not math.isfinite(val):
-            save(best_path)
-            yield {"event": "saved", "path": str(best_path)}
+               "tokens_per_s": rate(), "sample": sample, "best": improved}
+        yield from save(latest_path)
+        if improved or not (best_path.exists() or math.isfinite(val)):
+            yield from save(best_path)
 
     while True:
-        if total_steps and step >= total_steps:
+        if total_steps and run.step >= total_steps:
             break
         if deadline and clock() - start >= deadline:
             break
         if should_stop():
             reason = "interrupted"
             break
-        if window >= wpe:
-            window = 0
-            epoch += 1
+        if run.window >= wpe:
+            run.window = 0
+            run.epoch += 1
             state = model.zero_state(batches.N)
-        x, y = batches.window(window)
+        x, y = batches.window(run.window)
         ts = clock()
         loss, new_state = model.loss_and_grads(x, y, state, grads, rng)
         norm = grad_norm(grads)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             nonfinite_run += 1
-            lr *= 0.5
-            state = model.zero_state(batches.N)
-            yield {"event": "nonfinite", "step": step, "lr": lr}
+            run.lr *= 0.5
+            state = _restore(snapshot, model, opt, batches.N)
+            yield {"event": "nonfinite", "step": run.step, "lr": run.lr, "restored_step": snapshot["step"]}
             if nonfinite_run >= MAX_NONFINITE:
+                yield from save(latest_path)
                 raise CharlmError(f"the loss is not finite after {MAX_NONFINITE} tries with a halved learning rate; "
-                                  f"train with a lower --lr or with --clip 5")
+                                  f"train with a lower --lr or with --clip 5 (the last good weights are in {latest_path})")
             continue
         nonfinite_run = 0
         scale = clip_scale(norm, train_cfg.clip)
-        n_clipped += scale < 1.0
-        opt.step(model.params, grads, lr, scale)
+        run.clipped += scale < 1.0
+        opt.step(model.params, grads, run.lr, scale)
         state = new_state
-        train_seconds += clock() - ts
-        tokens += x.size
-        step += 1
-        window += 1
+        run.train_seconds += clock() - ts
+        run.tokens += x.size
+        run.step += 1
+        run.window += 1
         since_eval_loss += loss
         since_eval_n += 1
-        yield {"event": "step", "step": step, "loss": loss, "grad_norm": norm, "clipped": scale < 1.0,
-               "tokens_per_s": tokens / train_seconds, "epoch": epoch + window / wpe,
-               "elapsed_s": clock() - start}
-        if step % train_cfg.eval_every == 0:
+        yield {"event": "step", "step": run.step, "loss": loss, "grad_norm": norm, "clipped": scale < 1.0,
+               "tokens_per_s": rate(), "epoch": run.epoch + run.window / wpe, "elapsed_s": clock() - start}
+        if run.step % SNAPSHOT_EVERY == 0:
+            snapshot = _snapshot(model, opt, state, run.step)
+        if run.step % train_cfg.eval_every == 0:
             yield from do_eval()
-    if step == 0 or not history or history[-1]["step"] != step:
+        elif checkpoint_every and run.step % checkpoint_every == 0:
+            yield from save(latest_path)
+    if run.step == first_step or not run.history or run.history[-1]["step"] != run.step:
         yield from do_eval()
-    yield {"event": "done", "steps": step, "tokens": tokens, "seconds": clock() - start,
-           "train_seconds": train_seconds, "tokens_per_s": tokens / train_seconds if train_seconds else 0.0,
-           "best_val_bpc": best_val / LN2 if best_val is not None else None,
-           "best_val_ppl": math.exp(best_val) if best_val is not None else None, "level": train_cfg.level,
+    yield {"event": "done", "steps": run.step, "tokens": run.tokens - tokens_at_start, "seconds": clock() - start,
+           "train_seconds": run.train_seconds - seconds_at_start, "tokens_per_s": rate(),
+           "best_val_bpc": run.best_val / LN2 if run.best_val is not None else None,
+           "best_val_ppl": math.exp(run.best_val) if run.best_val is not None else None, "level": train_cfg.level,
            "checkpoint": str(best_path), "latest": str(latest_path), "reason": reason,
-           "clipped_fraction": n_clipped / step if step else 0.0}
+           "clipped_fraction": run.clipped / run.step if run.step else 0.0, "run_dir": str(run_dir)}
+
+
+SNAPSHOT_EVERY = 100
+
+
+def _snapshot(model: Model, opt, state, step: int = 0) -> dict:
+    """In-memory copy of the last good weights and optimizer state."""
+    return {"step": step, "params": {k: v.copy() for k, v in model.params.items()},
+            "opt": {k: v.copy() for k, v in opt.state_arrays().items()}, "t": opt.t}
+
+
+def _restore(snapshot: dict, model: Model, opt, streams: int):
+    """Put the snapshot back; returns a zero hidden state for `streams` streams."""
+    for k, v in snapshot["params"].items():
+        model.params[k][...] = v
+    for k, v in opt.state_arrays().items():
+        v[...] = snapshot["opt"][k]
+    opt.t = snapshot["t"]
+    return model.zero_state(streams)

@@ -64,7 +64,7 @@ def test_train_sample_score_chain(run_cli, tmp_path):
     ok(run_cli("train", TINY, *TRAIN_TINY, "--out", "run"))
     run = tmp_path / "run"
     assert (run / "latest.npz").is_file() and (run / "best.npz").is_file()
-    assert sorted(p.name for p in run.iterdir()) == ["best.npz", "latest.npz"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.npz", "latest.npz", "tokens.bin"]
     ck = checkpoint.load(run / "latest.npz")
     assert ck.step == 3
     assert (ck.model.hidden, ck.model.layers, ck.model.embed, ck.model.cell) == (8, 1, 4, "lstm")
