@@ -104,6 +104,7 @@ class _StopFlag:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     corpus: Annotated[Optional[str], typer.Argument(
         help="UTF-8 text file to learn from ('-' reads standard input). Without it, the English "
              "documentation text shipped with every CPython (pydoc_data.topics, ~460 KB).",
@@ -145,48 +146,86 @@ def train(
     val: Annotated[Optional[str], typer.Option(help="Validation text file; without it the last --val-frac of the "
                                                     "corpus is held out.", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue a run exactly where it stopped (run directory or "
+        "checkpoint): weights, optimizer moments, step, learning rate, RNG, data position and carried state. "
+        "Architecture and data come from the checkpoint; --steps/--epochs/--minutes count from where it stopped.",
+        show_default=False)] = None,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start a new run on CORPUS from this "
+        "checkpoint's weights and vocabulary (fine-tuning).", show_default=False)] = None,
+    strict_vocab: Annotated[bool, typer.Option("--strict-vocab", help="With --init-from: refuse a corpus with "
+        "tokens outside the checkpoint's vocabulary instead of mapping them to <unk> (characters: leaving them out).")] = False,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Also save latest.npz every N steps "
+                                                                           "(0: only at evaluations).")] = 0,
 ):
     """Train a model on a text and save checkpoints (the latest and the best by validation loss).
 
     Shows a progress bar with train loss, validation bits per character, tokens/s and ETA; samples at each
     evaluation; a summary table and a final sample at the end. Ctrl-C stops after the current step and saves.
     """
+    from . import checkpoint
     from .config import ModelConfig, TrainConfig
-    from .data import default_corpus, read_text
-    from .train import train as run_train
+    from .data import default_corpus, iter_text, read_text
+    from .train import Source, train as run_train
 
     try:
-        if corpus is None:
-            text, corpus_name = default_corpus()
-        else:
-            text = read_text(corpus, encoding, errors)
-            corpus_name = "stdin" if corpus == "-" else Path(corpus).name
-        if not text.strip():
-            fail(f"the corpus {corpus_name} is empty (or only whitespace); give a text with some content")
-        budget_given = any(v is not None for v in (steps, epochs, minutes))
-        mcfg = ModelConfig(cell=cell, embed=embed, hidden=hidden, layers=layers, dropout=dropout)
-        tcfg = TrainConfig(seq_len=seq_len, batch=batch, lr=lr, optimizer=optimizer, clip=clip,
-                           steps=steps or 0, epochs=epochs or 0.0, minutes=(minutes or 0.0) if budget_given else 3.0,
-                           val_frac=val_frac, eval_every=eval_every, seed=seed, level=level, lower=lower,
-                           min_count=min_count, max_vocab=max_vocab)
-        val_text = read_text(val, encoding, errors, what="validation file") if val is not None else None
-        if val_text is not None and not val_text.strip():
-            fail(f"the validation file {val} is empty")
         for name, v in (("--steps", steps), ("--epochs", epochs), ("--minutes", minutes)):
             if v is not None and v <= 0:
                 fail(f"{name} must be positive, got {v}")
         if sample_length < 0:
             fail(f"--sample-length must be 0 or positive, got {sample_length}")
-        run_dir = Path(out_dir) if out_dir else _run_dir_name(corpus_name, cell)
+        if checkpoint_every < 0:
+            fail(f"--checkpoint-every must be 0 (off) or positive, got {checkpoint_every}")
+        if resume and init_from:
+            fail("give either --resume or --init-from, not both")
+        budget_given = any(v is not None for v in (steps, epochs, minutes))
+        explicit = {p for p in _MODEL_FLAGS + _DATA_FLAGS if ctx.get_parameter_source(p).name == "COMMANDLINE"}
+        resume_ck = init_ck = None
+        if resume:
+            if corpus is not None or val is not None:
+                fail("--resume continues with the run's own data; drop the CORPUS / --val arguments")
+            resume_ck = checkpoint.load(_latest_of(resume))
+            _refuse_contradictions(ctx, explicit, resume_ck, "--resume")
+            level = resume_ck.vocab.level
+        if init_from:
+            init_ck = checkpoint.load(checkpoint.resolve(init_from, MODELS_DIR))
+            _refuse_contradictions(ctx, explicit & set(_MODEL_FLAGS) | (explicit & {"level", "lower"}),
+                                   init_ck, "--init-from")
+            level = init_ck.vocab.level
+        if resume_ck is None:
+            if corpus is None:
+                text, corpus_name = default_corpus()
+                source = Source.of(text, corpus_name)
+            elif corpus == "-":
+                corpus_name = "stdin"
+                source = Source.of(read_text("-", encoding, errors), corpus_name)
+            else:
+                corpus_name = Path(corpus).name
+                list(iter_text(corpus, encoding, errors, chunk_bytes=1))[:0]  # fail early on a bad path
+                source = Source(lambda: iter_text(corpus, encoding, errors), corpus_name)
+            val_source = (Source(lambda: iter_text(val, encoding, errors, what="validation file"), "validation")
+                          if val is not None else None)
+        else:
+            source = val_source = None
+            corpus_name = resume_ck.corpus
+        mcfg = ModelConfig(cell=cell, embed=embed, hidden=hidden, layers=layers, dropout=dropout)
+        tcfg = TrainConfig(seq_len=seq_len, batch=batch, lr=lr, optimizer=optimizer, clip=clip,
+                           steps=steps or 0, epochs=epochs or 0.0, minutes=(minutes or 0.0) if budget_given else 3.0,
+                           val_frac=val_frac, eval_every=eval_every, seed=seed, level=level, lower=lower,
+                           min_count=min_count, max_vocab=max_vocab)
+        if resume_ck is not None:
+            run_dir = Path(resume_ck.path).parent
+        else:
+            run_dir = Path(out_dir) if out_dir else _run_dir_name(corpus_name, init_ck.model.cell if init_ck else cell)
         show_samples = 0 if (quiet or as_json) else sample_length
         with _StopFlag() as stop, _limit_threads(threads):
-            events = run_train(text, mcfg, tcfg, run_dir, corpus_name=corpus_name, val_text=val_text,
-                               sample_chars=show_samples, should_stop=stop)
+            events = run_train(source, mcfg, tcfg, run_dir, corpus_name=corpus_name, val_text=val_source,
+                               resume=resume_ck, init_from=init_ck, strict_vocab=strict_vocab,
+                               checkpoint_every=checkpoint_every, sample_chars=show_samples, should_stop=stop)
             done = _render_training(events, as_json, quiet, level)
         if stop.signum:
             code = 128 + stop.signum
-            err.print(f"stopped by {signal.Signals(stop.signum).name} at step {done['steps']}; "
-                      f"checkpoint saved to {done['latest']}")
+            err.print(f"stopped by {signal.Signals(stop.signum).name} at step {done['steps']}; checkpoint saved to "
+                      f"{done['latest']}. Continue with: charlm train --resume {done['run_dir']}")
             raise typer.Exit(code)
         if sample_length and not as_json:
             ck, model = _load_model(done["checkpoint"])
@@ -197,6 +236,34 @@ def train(
             out.out("")
     except CharlmError as e:
         fail(str(e))
+
+
+_MODEL_FLAGS = ["cell", "hidden", "layers", "embed", "dropout"]
+_DATA_FLAGS = ["seq_len", "batch", "level", "lower", "min_count", "max_vocab", "val_frac", "optimizer", "seed"]
+
+
+def _latest_of(path: str) -> str:
+    """--resume takes a run directory (its latest checkpoint) or a checkpoint file."""
+    from . import checkpoint
+    p = Path(path)
+    if p.is_dir():
+        if (p / checkpoint.LATEST).is_file():
+            return str(p / checkpoint.LATEST)
+        raise CharlmError(f"no {checkpoint.LATEST} in {p}: nothing to resume")
+    if not p.exists():
+        raise CharlmError(f"nothing to resume: {p} does not exist")
+    return str(p)
+
+
+def _refuse_contradictions(ctx, explicit: set, ck, flag: str) -> None:
+    """A flag given on the command line that disagrees with the checkpoint is an error."""
+    have = {**ck.model.to_dict(), **(ck.train.to_dict() if ck.train else {}),
+            "level": ck.vocab.level, "lower": ck.vocab.lower}
+    for name in sorted(explicit):
+        if name in have and have[name] != ctx.params[name]:
+            opt = "--" + name.replace("_", "-")
+            fail(f"{opt} {ctx.params[name]} contradicts the checkpoint ({opt} {have[name]}); {flag} takes the "
+                 f"architecture{' and data settings' if flag == '--resume' else ''} from the checkpoint: drop {opt}")
 
 
 def _render_training(events, as_json: bool, quiet: bool, level: str = "char") -> dict:

@@ -47,7 +47,8 @@ def generate(model: Model, vocab: Vocab, length: int, *, temperature: float = 0.
     ids, _ = vocab.encode(prime)
     feed = np.concatenate([[vocab.eos_id], ids]).astype(np.int32)
     done = 0
-    at_line_start = len(ids) == 0 or int(ids[-1]) == vocab.eos_id
+    # no space before the first word at a line start or after a prime that ends in whitespace
+    at_line_start = len(ids) == 0 or int(ids[-1]) == vocab.eos_id or prime[-1:].isspace()
     while done < length:
         k = min(chunk, length - done)
         out = np.empty(k, dtype=np.int32)

@@ -111,6 +111,11 @@ def _prepare_tokens(source: Source, val_source: Source | None, cfg: TrainConfig,
         else:
             pieces = source.pieces() if val_source is None else _chain(source.pieces(), val_source.pieces())
             vocab = scan_vocab(pieces, "char")
+        words = [t for t in vocab.tokens if t not in ("<eos>", "<unk>")] if vocab.level == "word" else vocab.tokens
+        if all(t.isspace() for t in words):
+            raise CharlmError(f"the corpus {source.name} is empty (or only whitespace)"
+                              + ("; or --min-count leaves no words" if vocab.level == "word" else "")
+                              + ": give a text with some content")
     ids, oov = write_tokens(source.pieces(), vocab, run_dir / TOKENS_FILE)
     data = {"tokens": TOKENS_FILE, "dtype": ids.dtype.str, "n_tokens": int(len(ids)),
             "sha256": file_digest(run_dir / TOKENS_FILE)}
