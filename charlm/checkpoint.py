@@ -119,6 +119,21 @@ def save(ckpt: Checkpoint, path: str | os.PathLike) -> None:
                 pass
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files save() leaves behind when its process is killed mid-write
+    (.latest.npz.XXXX.tmp ...); they are never read, but each can be as large as a checkpoint.
+    Call it only when no other process is saving into folder. Returns the names removed."""
+    removed = []
+    for name in (LATEST, BEST):
+        for p in Path(folder).glob(f".{name}.*.tmp"):
+            try:
+                p.unlink()
+                removed.append(p.name)
+            except OSError:
+                pass
+    return removed
+
+
 def load(path: str | os.PathLike) -> Checkpoint:
     """Read and verify a checkpoint. Never unpickles; any damage is a CharlmError naming the file."""
     path = str(path)

@@ -45,18 +45,15 @@ def _show_token(tok: str) -> str:
     return {"\n": "\\n", "\t": "\\t", " ": "␣"}.get(tok, tok)
 
 
-THREADS_HELP = ("BLAS threads for matrix products. Default: all cores. On a machine busy with other work, 1 is "
-                "often much faster (a thread waiting for a busy core stalls every step).")
+THREADS_HELP = ("Threads to compute with. Default: every core. Results do not depend on it except in the last "
+                "bits of float32 sums; use the same value for bit-identical runs.")
 
 
 def _limit_threads(threads: Optional[int]):
-    import contextlib
-    if threads is None:
-        return contextlib.nullcontext()
-    if threads <= 0:
+    if threads is not None and threads <= 0:
         fail(f"--threads must be positive, got {threads}")
-    from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=threads, user_api="blas")
+    from .model import compute_threads
+    return compute_threads(threads)
 
 
 def _load_model(model: Optional[str]):
@@ -164,7 +161,7 @@ def train(
     """
     from . import checkpoint
     from .config import ModelConfig, TrainConfig
-    from .data import default_corpus, iter_text, read_text
+    from .data import check_text_file, default_corpus, iter_text, read_text
     from .train import Source, train as run_train
 
     try:
@@ -177,14 +174,20 @@ def train(
             fail(f"--checkpoint-every must be 0 (off) or positive, got {checkpoint_every}")
         if resume and init_from:
             fail("give either --resume or --init-from, not both")
+        if strict_vocab and not init_from:
+            fail("--strict-vocab applies only with --init-from (a new run's vocabulary is built from its corpus)")
         budget_given = any(v is not None for v in (steps, epochs, minutes))
-        explicit = {p for p in _MODEL_FLAGS + _DATA_FLAGS if ctx.get_parameter_source(p).name == "COMMANDLINE"}
+        explicit = {p for p in _MODEL_FLAGS + _DATA_FLAGS + _RUN_FLAGS
+                    if ctx.get_parameter_source(p).name == "COMMANDLINE"}
         resume_ck = init_ck = None
         if resume:
             if corpus is not None or val is not None:
                 fail("--resume continues with the run's own data; drop the CORPUS / --val arguments")
             resume_ck = checkpoint.load(_latest_of(resume))
             _refuse_contradictions(ctx, explicit, resume_ck, "--resume")
+            if out_dir is not None and Path(out_dir).resolve() != Path(resume_ck.path).parent.resolve():
+                fail(f"--out {out_dir} contradicts --resume, which continues in the run's own folder "
+                     f"{Path(resume_ck.path).parent}: drop --out")
             level = resume_ck.vocab.level
         if init_from:
             init_ck = checkpoint.load(checkpoint.resolve(init_from, MODELS_DIR))
@@ -200,8 +203,10 @@ def train(
                 source = Source.of(read_text("-", encoding, errors), corpus_name)
             else:
                 corpus_name = Path(corpus).name
-                list(iter_text(corpus, encoding, errors, chunk_bytes=1))[:0]  # fail early on a bad path
+                check_text_file(corpus, encoding, errors)  # fail early on a bad path, without reading the text
                 source = Source(lambda: iter_text(corpus, encoding, errors), corpus_name)
+            if val is not None:
+                check_text_file(val, encoding, errors, what="validation file")
             val_source = (Source(lambda: iter_text(val, encoding, errors, what="validation file"), "validation")
                           if val is not None else None)
         else:
@@ -240,6 +245,7 @@ def train(
 
 _MODEL_FLAGS = ["cell", "hidden", "layers", "embed", "dropout"]
 _DATA_FLAGS = ["seq_len", "batch", "level", "lower", "min_count", "max_vocab", "val_frac", "optimizer", "seed"]
+_RUN_FLAGS = ["lr", "clip", "eval_every"]  # continued exactly by --resume, free with --init-from
 
 
 def _latest_of(path: str) -> str:
@@ -263,7 +269,7 @@ def _refuse_contradictions(ctx, explicit: set, ck, flag: str) -> None:
         if name in have and have[name] != ctx.params[name]:
             opt = "--" + name.replace("_", "-")
             fail(f"{opt} {ctx.params[name]} contradicts the checkpoint ({opt} {have[name]}); {flag} takes the "
-                 f"architecture{' and data settings' if flag == '--resume' else ''} from the checkpoint: drop {opt}")
+                 f"architecture{', data and optimizer settings' if flag == '--resume' else ''} from the checkpoint: drop {opt}")
 
 
 def _render_training(events, as_json: bool, quiet: bool, level: str = "char") -> dict:
@@ -284,8 +290,11 @@ def _render_training(events, as_json: bool, quiet: bool, level: str = "char") ->
                 keys = ("event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "checkpoint")
                 print(json.dumps({k: ev[k] for k in keys + (("best_val_ppl",) if level == "word" else ())}),
                       flush=True)
-            elif kind in ("note", "nonfinite"):
-                err.print(f"[yellow]note:[/] {escape(ev.get('message') or 'non-finite loss: update skipped, learning rate halved to %g' % ev['lr'])}")
+            elif kind == "nonfinite":
+                print(json.dumps({"event": "nonfinite", "step": ev["step"], "lr": ev["lr"]}), flush=True)
+                err.print(f"[yellow]note:[/] step {ev['step']}: non-finite loss: update skipped, learning rate halved to {ev['lr']:g}")
+            elif kind == "note":
+                err.print(f"[yellow]note:[/] {escape(ev['message'])}")
         return done
 
     progress = Progress(
@@ -539,6 +548,11 @@ eval_cmd.__doc__ += "\n\n" + PPL_HELP
 
 def main():
     """Console-script entry: any unexpected error is one line unless CHARLM_DEBUG=1."""
+    for stream in (sys.stdout, sys.stderr):
+        # bytes of the command line that are not valid UTF-8 arrive as lone surrogates (PEP 383);
+        # echoing them (a --prime, an OOV character) must write those bytes back, not crash
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     try:
         app()
     except KeyboardInterrupt:

@@ -216,6 +216,22 @@ def _check_codec(encoding: str, errors: str) -> None:
         raise CharlmError(f"--errors must be strict, replace or ignore, got {errors!r}")
 
 
+def check_text_file(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus") -> None:
+    """The checks iter_text makes before it reads (codec, --errors value, a readable
+    regular file), done at once and without reading: iter_text is a generator and
+    runs them only when first iterated."""
+    _check_codec(encoding, errors)
+    if path == "-":
+        return
+    _check_source(path, what)
+    try:
+        open(path, "rb").close()
+    except PermissionError:
+        raise CharlmError(f"permission denied reading {what} {path}") from None
+    except OSError as e:
+        raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
 def iter_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus",
               chunk_bytes: int = 1 << 24):
     """Stream a text file ('-' is standard input) as str pieces that end at line
@@ -373,7 +389,7 @@ def write_tokens(pieces, vocab: Vocab, path) -> tuple[np.ndarray, dict[str, int]
     oov: Counter = Counter()
     try:
         with open(tmp, "wb") as raw:
-            for piece in pieces:
+            for piece in _bounded(pieces, vocab.level):
                 if _has_oov(vocab, piece):
                     ids, bad = vocab.encode(piece)
                     oov.update(tok for _, tok in bad)
@@ -391,6 +407,21 @@ def write_tokens(pieces, vocab: Vocab, path) -> tuple[np.ndarray, dict[str, int]
         except OSError:
             pass
     return open_tokens(path, dtype), dict(oov)
+
+
+ENCODE_BLOCK = 1 << 20  # characters encoded at a time: encode_corpus needs ~14 bytes per character
+
+
+def _bounded(pieces, level: str):
+    """Character level: the pieces cut into blocks of at most ENCODE_BLOCK characters,
+    so one very long line does not need many times its size in memory. (Words stay
+    whole: a cut could split a word.)"""
+    for piece in pieces:
+        if level != "char" or len(piece) <= ENCODE_BLOCK:
+            yield piece
+            continue
+        for i in range(0, len(piece), ENCODE_BLOCK):
+            yield piece[i:i + ENCODE_BLOCK]
 
 
 def open_tokens(path, dtype) -> np.ndarray:

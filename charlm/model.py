@@ -22,8 +22,10 @@ G gates (rnn 1, gru 3, lstm 4), M = T*N.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from .config import ModelConfig
@@ -35,6 +37,24 @@ _CELL_KERNELS = {
     "gru": (gru.gru_forward, gru.gru_backward),
     "lstm": (lstm.lstm_forward, lstm.lstm_backward),
 }
+
+
+@contextmanager
+def compute_threads(n: int | None = None):
+    """Run the kernels on n threads (default: every core). Numba splits the work
+    (recurrences by batch rows, whole-window products by time) and every BLAS call
+    stays single-threaded: a BLAS thread waiting for a core that is busy elsewhere
+    would otherwise stall every time step."""
+    import scipy.linalg.cython_blas  # noqa: F401  load the BLAS Numba calls, so the limit reaches it
+    from threadpoolctl import threadpool_limits
+    n = n or numba.config.NUMBA_NUM_THREADS
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(old)
 
 
 def acts_width(cfg: ModelConfig) -> int:
@@ -173,7 +193,7 @@ class Model:
                 ws.cs[k][0] = state.c[k]
             self._fwd(ws.hs[k], ws.cs[k], ws.acts[k], inp,
                       p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"],
-                      p[f"rnn.bias_ih_l{k}"], p[f"rnn.bias_hh_l{k}"])
+                      p[f"rnn.bias_ih_l{k}"], p[f"rnn.bias_hh_l{k}"], numba.get_num_threads())
         top = ws.hs[-1][1:].reshape(T * N, cfg.hidden)
         common.linear_forward(ws.logits, top, p["decoder.weight"], p["decoder.bias"])
         return ws
@@ -187,7 +207,7 @@ class Model:
         """Mean cross-entropy (nats) of targets y (T, N) given inputs x (T, N); no dropout."""
         ws = self._forward(x, state, None)
         total = common.softmax_xent_forward(ws.logits, ws.logits, np.ascontiguousarray(y).reshape(-1))
-        return total / y.size, self._final_state(ws)
+        return float(total) / y.size, self._final_state(ws)  # float: a NumPy scalar without the JIT
 
     def token_logprobs(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """log P(y[t, n] | inputs up to x[t, n]) as float64 (T, N), and the state after."""
@@ -236,10 +256,10 @@ class Model:
             self._bwd(dx, grads[f"rnn.weight_ih_l{k}"], grads[f"rnn.weight_hh_l{k}"],
                       grads[f"rnn.bias_ih_l{k}"], grads[f"rnn.bias_hh_l{k}"], ws.dh0, ws.dc0,
                       ws.dacts, ws.dacts_h, ws.dhs[k], ws.hs[k], ws.cs[k], ws.acts[k], inp,
-                      p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"])
+                      p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"], numba.get_num_threads())
             if k > 0:
                 if dropout:
                     np.multiply(dx, ws.masks[k], out=dx)
                 ws.dhs[k - 1] += dx
         common.embedding_backward(grads["embedding.weight"], ws.dx[0].reshape(M, cfg.embed), targets_in)
-        return total / M, self._final_state(ws)
+        return float(total) / M, self._final_state(ws)

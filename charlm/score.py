@@ -28,6 +28,14 @@ LN10 = math.log(10.0)
 LN2 = math.log(2.0)
 
 
+def _exp(x: float) -> float:
+    """exp(x), inf instead of OverflowError (a perplexity past 1e308, from a diverged model)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def _logprobs(model: Model, inputs: np.ndarray, targets: np.ndarray, window: int) -> np.ndarray:
     """log P(targets[t] | inputs[..t]) for one stream from the zero state."""
     lp = np.empty(len(targets), dtype=np.float64)
@@ -66,8 +74,8 @@ def summarize(targets, lp, shown, is_oov, n_skipped: int = 0, oov_tokens=()) -> 
         "logprob": total,
         "log10prob": total / LN10,
         "bits_per_token": (-total / LN2 / n) if n else 0.0,
-        "perplexity": math.exp(-total / n) if n else 1.0,
-        "perplexity_excl_oov": math.exp(-(total - oov_lp) / n_in) if n_in else 1.0,
+        "perplexity": _exp(-total / n) if n else 1.0,
+        "perplexity_excl_oov": _exp(-(total - oov_lp) / n_in) if n_in else 1.0,
         "n_tokens": n,
         "oov": n_oov_factors + n_skipped,
         "oov_logprob": oov_lp,
@@ -85,8 +93,8 @@ def corpus_total(results: list[dict]) -> dict:
         "logprob": total,
         "log10prob": total / LN10,
         "bits_per_token": (-total / LN2 / n) if n else 0.0,
-        "perplexity": math.exp(-total / n) if n else 1.0,
-        "perplexity_excl_oov": math.exp(-(total - oov_lp) / n_in) if n_in else 1.0,
+        "perplexity": _exp(-total / n) if n else 1.0,
+        "perplexity_excl_oov": _exp(-(total - oov_lp) / n_in) if n_in else 1.0,
         "n_tokens": n,
         "oov": sum(r["oov"] for r in results),
         "n_texts": len(results),
@@ -137,8 +145,8 @@ def evaluate_text(model: Model, vocab: Vocab, text: str, *, streams: int = 1, wi
     return {
         "n_tokens": n,
         "logprob": total,
-        "perplexity": math.exp(-total / n) if n else 1.0,
-        "perplexity_excl_oov": math.exp(-(total - oov_lp) / n_in) if n_in else 1.0,
+        "perplexity": _exp(-total / n) if n else 1.0,
+        "perplexity_excl_oov": _exp(-(total - oov_lp) / n_in) if n_in else 1.0,
         "bits_per_token": (-total / LN2 / n) if n else 0.0,
         "oov": len(oov),
         "streams": K,

@@ -33,6 +33,14 @@ LN2 = math.log(2.0)
 MAX_NONFINITE = 5
 
 
+def _exp(x: float) -> float:
+    """exp(x), inf instead of OverflowError (the perplexity of a diverged model)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def evaluate(model: Model, ids: np.ndarray, seq_len: int, streams: int) -> float:
     """Mean cross-entropy (nats per token) over ids, `streams` parts side by side."""
     total = 0.0
@@ -205,24 +213,26 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
             if len(train_ids) == 0:
                 raise CharlmError("the corpus is empty; give a text file with some content")
             Batches(train_ids, train_cfg.seq_len, train_cfg.batch)  # too short: fail before anything is kept
+            if oov:
+                total = sum(oov.values())
+                top = ", ".join(f"{t!r} ×{c}" for t, c in sorted(oov.items(), key=lambda kv: -kv[1])[:10])
+                what = "mapped to <unk>" if vocab.level == "word" else "left out"
+                if strict_vocab:
+                    raise CharlmError(f"{total} tokens of the corpus ({len(oov)} distinct) are not in the vocabulary "
+                                      f"of {init_from.path}: {top}; drop --strict-vocab to have them {what}")
         except BaseException:
             if created is not None:
                 import shutil
                 shutil.rmtree(created, ignore_errors=True)
             raise
         if oov:
-            total = sum(oov.values())
-            top = ", ".join(f"{t!r} ×{c}" for t, c in sorted(oov.items(), key=lambda kv: -kv[1])[:10])
-            what = "mapped to <unk>" if vocab.level == "word" else "left out"
-            if strict_vocab:
-                raise CharlmError(f"{total} tokens of the corpus ({len(oov)} distinct) are not in the vocabulary of "
-                                  f"{init_from.path}: {top}; drop --strict-vocab to map them to <unk>")
             yield {"event": "note", "message": f"{total} tokens ({len(oov)} distinct) are not in the model's "
                                                f"vocabulary and are {what}: {top}"}
         if init_from is not None:
             mcfg = init_from.model
         else:
             mcfg = ModelConfig(**{**model_cfg.to_dict(), "vocab_size": len(vocab)})
+    ckpt_mod.remove_stale_temporaries(run_dir)  # left by a process of this run killed while saving
     batches = Batches(train_ids, train_cfg.seq_len, train_cfg.batch)
     if batches.N < train_cfg.batch:
         yield {"event": "note", "message": f"the corpus is short: training {batches.N} parallel streams instead of --batch {train_cfg.batch}"}
@@ -279,7 +289,7 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
     best_path = run_dir / ckpt_mod.BEST
     latest_path = run_dir / ckpt_mod.LATEST
     reason = "budget"
-    snapshot = _snapshot(model, opt, state)
+    snapshot = _snapshot(model, opt, state, run.step)
     tokens_at_start, seconds_at_start = run.tokens, run.train_seconds
 
     def save(path: Path) -> Iterator[dict]:
@@ -315,7 +325,7 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
             from .sample import generate
             sample = "".join(generate(model, vocab, sample_chars, temperature=sample_temp, seed=run.step))
         yield {"event": "eval", "step": run.step, "train_loss": train_loss, "val_loss": val,
-               "val_bpc": val / LN2, "val_ppl": math.exp(val) if math.isfinite(val) else float("nan"),
+               "val_bpc": val / LN2, "val_ppl": _exp(val) if math.isfinite(val) else float("nan"),
                "tokens_per_s": rate(), "sample": sample, "best": improved}
         yield from save(latest_path)
         if improved or not (best_path.exists() or math.isfinite(val)):
@@ -348,6 +358,10 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
                                   f"train with a lower --lr or with --clip 5 (the last good weights are in {latest_path})")
             continue
         nonfinite_run = 0
+        if run.step - snapshot["step"] >= SNAPSHOT_EVERY:
+            # before the update: these weights just gave a finite loss and gradient (the update
+            # itself may overflow them, and a snapshot of those could never be recovered from)
+            snapshot = _snapshot(model, opt, state, run.step)
         scale = clip_scale(norm, train_cfg.clip)
         run.clipped += scale < 1.0
         opt.step(model.params, grads, run.lr, scale)
@@ -360,8 +374,6 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
         since_eval_n += 1
         yield {"event": "step", "step": run.step, "loss": loss, "grad_norm": norm, "clipped": scale < 1.0,
                "tokens_per_s": rate(), "epoch": run.epoch + run.window / wpe, "elapsed_s": clock() - start}
-        if run.step % SNAPSHOT_EVERY == 0:
-            snapshot = _snapshot(model, opt, state, run.step)
         if run.step % train_cfg.eval_every == 0:
             yield from do_eval()
         elif checkpoint_every and run.step % checkpoint_every == 0:
@@ -371,7 +383,7 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
     yield {"event": "done", "steps": run.step, "tokens": run.tokens - tokens_at_start, "seconds": clock() - start,
            "train_seconds": run.train_seconds - seconds_at_start, "tokens_per_s": rate(),
            "best_val_bpc": run.best_val / LN2 if run.best_val is not None else None,
-           "best_val_ppl": math.exp(run.best_val) if run.best_val is not None else None, "level": train_cfg.level,
+           "best_val_ppl": _exp(run.best_val) if run.best_val is not None else None, "level": train_cfg.level,
            "checkpoint": str(best_path), "latest": str(latest_path), "reason": reason,
            "clipped_fraction": run.clipped / run.step if run.step else 0.0, "run_dir": str(run_dir)}
 

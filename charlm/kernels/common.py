@@ -5,7 +5,7 @@ Dimensions: N batch, T time, V vocab, E embedding, H hidden, M = T*N positions.
 Every ``*_backward`` kernel ADDS into its ``d*`` arrays; the caller zeroes them.
 """
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import overload
 
 JIT = dict(cache=True, error_model="numpy", nogil=True)
@@ -278,3 +278,65 @@ def sum_squares(a):
     for k in range(a.shape[0]):
         s += np.float64(a[k]) * a[k]
     return s
+
+
+# ------------------------------------------------------------ parallel building blocks
+# Two cores are used by splitting work between threads (numba prange) with each
+# BLAS call single-threaded, rather than letting BLAS split every small per-step
+# product: recurrences are split by batch rows (no synchronisation inside the
+# time loop), whole-window products by time. The caller keeps BLAS at one thread
+# and passes parts = the number of threads (kernels read no globals: Numba's
+# get_num_threads() would also make them uncacheable).
+PJIT = dict(JIT, parallel=True)
+
+
+@njit(**JIT)
+def chunk(c, nc, n):
+    """Bounds [lo, hi) of part c of nc near-equal parts of range(n)."""
+    return c * n // nc, (c + 1) * n // nc
+
+
+@njit(**JIT)
+def n_parts(parts, n):
+    """How many parts to split n rows into: `parts` (one per thread), at most n."""
+    return max(1, min(parts, n))
+
+
+@njit(**PJIT)
+def proj_forward(out, x, W, parts=1):
+    """out = x @ W.T for a whole window, split by time. out (T, N, K), x (T, N, D), W (K, D)."""
+    T, N, D = x.shape
+    K = W.shape[0]
+    nc = n_parts(parts, T)
+    for c in prange(nc):
+        t0, t1 = chunk(c, nc, T)
+        np.dot(x[t0:t1].reshape((t1 - t0) * N, D), W.T, out[t0:t1].reshape((t1 - t0) * N, K))
+
+
+@njit(**PJIT)
+def proj_backward(dx, dW, db, dout, x, W, parts=1):
+    """Gradients of out = x @ W.T + b over a window, split by time.
+
+    ADDS into dW (K, D), db (K,) and, unless dx has shape (0, 0, 0), dx (T, N, D).
+    dout (T, N, K), x (T, N, D), W (K, D). Each thread sums its time steps into its
+    own partial dW; the partials are added at the end.
+    """
+    T, N, D = x.shape
+    K = W.shape[0]
+    nc = n_parts(parts, T)
+    pW = np.zeros((nc, K, D), dtype=dW.dtype)
+    pb = np.zeros((nc, K), dtype=db.dtype)
+    with_dx = dx.shape[0] == T
+    for c in prange(nc):
+        t0, t1 = chunk(c, nc, T)
+        m = (t1 - t0) * N
+        d2 = dout[t0:t1].reshape(m, K)
+        np.dot(d2.T, x[t0:t1].reshape(m, D), pW[c])
+        for r in range(m):
+            for k in range(K):
+                pb[c, k] += d2[r, k]
+        if with_dx:
+            dx[t0:t1].reshape(m, D)[:, :] += np.dot(d2, W)
+    for c in range(nc):
+        dW += pW[c]
+        db += pb[c]

@@ -16,9 +16,9 @@ step (ah_n = the n-block of h_{t-1} W_hh^T + b_hh, needed by the backward
 pass). cs is unused (same signature as lstm).
 """
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from .common import JIT, act_sigmoid, act_tanh
+from .common import JIT, PJIT, act_sigmoid, act_tanh, chunk, n_parts, proj_backward, proj_forward
 
 
 @njit(**JIT)
@@ -50,30 +50,33 @@ def gru_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
     _gru_cell(hout, act, ax, ah, h, H)
 
 
-@njit(**JIT)
-def gru_forward(hs, cs, acts, x, Wih, Whh, bih, bhh):
+@njit(**PJIT)
+def gru_forward(hs, cs, acts, x, Wih, Whh, bih, bhh, parts=1):
     """Run T steps. hs (T+1, N, H) with hs[0] = h0; acts (T, N, 4H) out;
-    x (T, N, D); cs unused."""
+    x (T, N, D); cs unused. Split as lstm_forward: input projection by time,
+    recurrence by batch rows."""
     T, N, D = x.shape
     H = hs.shape[2]
     G3 = 3 * H
-    ax_all = np.dot(x.reshape(T * N, D), Wih.T).reshape(T, N, G3)  # (T, N, 3H)
-    ah = np.empty((N, G3), dtype=acts.dtype)
-    for t in range(T):
-        ax = ax_all[t]
-        for n in range(N):
-            for k in range(G3):
-                ax[n, k] += bih[k]
-        np.dot(hs[t], Whh.T, ah)  # (N, 3H)
-        for n in range(N):
-            for k in range(G3):
-                ah[n, k] += bhh[k]
-        _gru_cell(hs[t + 1], acts[t], ax, ah, hs[t], H)
+    ax_all = np.empty((T, N, G3), dtype=acts.dtype)  # x W_ih^T for the window
+    proj_forward(ax_all, x, Wih, parts)
+    nc = n_parts(parts, N)
+    for c in prange(nc):
+        n0, n1 = chunk(c, nc, N)
+        ah = np.empty((n1 - n0, G3), dtype=acts.dtype)
+        for t in range(T):
+            ax = ax_all[t, n0:n1]
+            np.dot(hs[t, n0:n1], Whh.T, ah)  # (n, 3H)
+            for n in range(n1 - n0):
+                for k in range(G3):
+                    ax[n, k] += bih[k]
+                    ah[n, k] += bhh[k]
+            _gru_cell(hs[t + 1, n0:n1], acts[t, n0:n1], ax, ah, hs[t, n0:n1], H)
 
 
-@njit(**JIT)
+@njit(**PJIT)
 def gru_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
-                 dhs, hs, cs, acts, x, Wih, Whh):
+                 dhs, hs, cs, acts, x, Wih, Whh, parts=1):
     """Backpropagation through the T steps of gru_forward.
 
     ADDS into dx (T, N, D), dWih (3H, D), dWhh (3H, H), dbih, dbhh (3H,),
@@ -84,45 +87,37 @@ def gru_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
     """
     T, N, D = x.shape
     H = hs.shape[2]
-    G3 = 3 * H
-    M = T * N
     one = hs.dtype.type(1.0)
-    dxa = dacts
-    dha = dacts_h
-    dh = np.zeros((N, H), dtype=hs.dtype)
-    dhW = np.empty((N, H), dtype=hs.dtype)
-    for t in range(T - 1, -1, -1):
-        act = acts[t]
-        gx = dxa[t]
-        gh = dha[t]
-        hp = hs[t]
-        for n in range(N):
-            for j in range(H):
-                r = act[n, j]
-                z = act[n, H + j]
-                nn = act[n, 2 * H + j]
-                ahn = act[n, 3 * H + j]
-                dht = dhs[t, n, j] + dh[n, j]
-                dan = dht * (one - z) * (one - nn * nn)
-                daz = dht * (hp[n, j] - nn) * z * (one - z)
-                dar = dan * ahn * r * (one - r)
-                gx[n, j] = dar
-                gx[n, H + j] = daz
-                gx[n, 2 * H + j] = dan
-                gh[n, j] = dar
-                gh[n, H + j] = daz
-                gh[n, 2 * H + j] = dan * r
-                dh[n, j] = dht * z
-        np.dot(gh, Whh, dhW)  # (N, H)
-        dh += dhW
-    dh0 += dh
-    gx2 = dxa.reshape(M, G3)
-    gh2 = dha.reshape(M, G3)
-    dWhh += np.dot(gh2.T, hs[:T].reshape(M, H))
-    dWih += np.dot(gx2.T, x.reshape(M, D))
-    for m in range(M):
-        for k in range(G3):
-            dbih[k] += gx2[m, k]
-            dbhh[k] += gh2[m, k]
-    if dx.shape[0] == T:
-        dx.reshape(M, D)[:, :] += np.dot(gx2, Wih)
+    nc = n_parts(parts, N)
+    for c in prange(nc):
+        n0, n1 = chunk(c, nc, N)
+        nr = n1 - n0
+        dh = np.zeros((nr, H), dtype=hs.dtype)
+        dhW = np.empty((nr, H), dtype=hs.dtype)
+        for t in range(T - 1, -1, -1):
+            act = acts[t, n0:n1]
+            gx = dacts[t, n0:n1]
+            gh = dacts_h[t, n0:n1]
+            hp = hs[t, n0:n1]
+            for n in range(nr):
+                for j in range(H):
+                    r = act[n, j]
+                    z = act[n, H + j]
+                    nn = act[n, 2 * H + j]
+                    ahn = act[n, 3 * H + j]
+                    dht = dhs[t, n0 + n, j] + dh[n, j]
+                    dan = dht * (one - z) * (one - nn * nn)
+                    daz = dht * (hp[n, j] - nn) * z * (one - z)
+                    dar = dan * ahn * r * (one - r)
+                    gx[n, j] = dar
+                    gx[n, H + j] = daz
+                    gx[n, 2 * H + j] = dan
+                    gh[n, j] = dar
+                    gh[n, H + j] = daz
+                    gh[n, 2 * H + j] = dan * r
+                    dh[n, j] = dht * z
+            np.dot(gh, Whh, dhW)  # (n, H)
+            dh += dhW
+        dh0[n0:n1] += dh
+    proj_backward(dx, dWih, dbih, dacts, x, Wih, parts)
+    proj_backward(dx[:0], dWhh, dbhh, dacts_h, hs[:T], Whh, parts)

@@ -14,9 +14,9 @@ Histories have T+1 rows: hs[0] = h0 and cs[0] = c0 on entry, so the time loop
 never special-cases t = 0. acts (T, N, 4H) keeps the activated gates.
 """
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from .common import JIT, act_sigmoid, act_tanh
+from .common import JIT, PJIT, act_sigmoid, act_tanh, chunk, n_parts, proj_backward, proj_forward
 
 
 @njit(**JIT)
@@ -50,29 +50,36 @@ def lstm_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
     _lstm_cell(hout, cout, act, act, c, H)
 
 
-@njit(**JIT)
-def lstm_forward(hs, cs, acts, x, Wih, Whh, bih, bhh):
+@njit(**PJIT)
+def lstm_forward(hs, cs, acts, x, Wih, Whh, bih, bhh, parts=1):
     """Run T steps. hs, cs (T+1, N, H) with hs[0], cs[0] the initial state;
-    acts (T, N, 4H) out; x (T, N, D)."""
+    acts (T, N, 4H) out; x (T, N, D); parts: how many threads share the work.
+
+    The input projection of the whole window is one product (split by time);
+    the recurrence is split by batch rows, each thread running the whole time
+    loop on its rows, so threads never wait for each other inside the loop.
+    """
     T, N, D = x.shape
     H = hs.shape[2]
     G4 = 4 * H
-    # input projection of the whole window: one GEMM
-    np.dot(x.reshape(T * N, D), Wih.T, acts.reshape(T * N, G4))
+    proj_forward(acts, x, Wih, parts)
     bias = bih + bhh
-    rec = np.empty((N, G4), dtype=acts.dtype)
-    for t in range(T):
-        np.dot(hs[t], Whh.T, rec)  # (N, 4H)
-        a = acts[t]
-        for n in range(N):
-            for k in range(G4):
-                a[n, k] += rec[n, k] + bias[k]
-        _lstm_cell(hs[t + 1], cs[t + 1], a, a, cs[t], H)
+    nc = n_parts(parts, N)
+    for c in prange(nc):
+        n0, n1 = chunk(c, nc, N)
+        rec = np.empty((n1 - n0, G4), dtype=acts.dtype)
+        for t in range(T):
+            np.dot(hs[t, n0:n1], Whh.T, rec)  # (n, 4H)
+            a = acts[t, n0:n1]
+            for n in range(n1 - n0):
+                for k in range(G4):
+                    a[n, k] += rec[n, k] + bias[k]
+            _lstm_cell(hs[t + 1, n0:n1], cs[t + 1, n0:n1], a, a, cs[t, n0:n1], H)
 
 
-@njit(**JIT)
+@njit(**PJIT)
 def lstm_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
-                  dhs, hs, cs, acts, x, Wih, Whh):
+                  dhs, hs, cs, acts, x, Wih, Whh, parts=1):
     """Backpropagation through the T steps of lstm_forward.
 
     ADDS into dx (T, N, D), dWih (4H, D), dWhh (4H, H), dbih, dbhh (4H,),
@@ -83,37 +90,32 @@ def lstm_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
     """
     T, N, D = x.shape
     H = hs.shape[2]
-    G4 = 4 * H
     one = hs.dtype.type(1.0)
-    dh = np.zeros((N, H), dtype=hs.dtype)
-    dc = np.zeros((N, H), dtype=hs.dtype)
-    for t in range(T - 1, -1, -1):
-        act = acts[t]
-        da = dacts[t]
-        for n in range(N):
-            for j in range(H):
-                i = act[n, j]
-                f = act[n, H + j]
-                g = act[n, 2 * H + j]
-                o = act[n, 3 * H + j]
-                tc = act_tanh(cs[t + 1, n, j])
-                dht = dhs[t, n, j] + dh[n, j]
-                dct = dc[n, j] + dht * o * (one - tc * tc)
-                da[n, j] = dct * g * i * (one - i)
-                da[n, H + j] = dct * cs[t, n, j] * f * (one - f)
-                da[n, 2 * H + j] = dct * i * (one - g * g)
-                da[n, 3 * H + j] = dht * tc * o * (one - o)
-                dc[n, j] = dct * f
-        np.dot(da, Whh, dh)  # (N, H)
-    dh0 += dh
-    dc0 += dc
-    M = T * N
-    da2 = dacts.reshape(M, G4)
-    dWhh += np.dot(da2.T, hs[:T].reshape(M, H))
-    dWih += np.dot(da2.T, x.reshape(M, D))
-    for m in range(M):
-        for k in range(G4):
-            dbih[k] += da2[m, k]
-            dbhh[k] += da2[m, k]
-    if dx.shape[0] == T:
-        dx.reshape(M, D)[:, :] += np.dot(da2, Wih)
+    nc = n_parts(parts, N)
+    for c in prange(nc):
+        n0, n1 = chunk(c, nc, N)
+        nr = n1 - n0
+        dh = np.zeros((nr, H), dtype=hs.dtype)
+        dc = np.zeros((nr, H), dtype=hs.dtype)
+        for t in range(T - 1, -1, -1):
+            act = acts[t, n0:n1]
+            da = dacts[t, n0:n1]
+            for n in range(nr):
+                for j in range(H):
+                    i = act[n, j]
+                    f = act[n, H + j]
+                    g = act[n, 2 * H + j]
+                    o = act[n, 3 * H + j]
+                    tc = act_tanh(cs[t + 1, n0 + n, j])
+                    dht = dhs[t, n0 + n, j] + dh[n, j]
+                    dct = dc[n, j] + dht * o * (one - tc * tc)
+                    da[n, j] = dct * g * i * (one - i)
+                    da[n, H + j] = dct * cs[t, n0 + n, j] * f * (one - f)
+                    da[n, 2 * H + j] = dct * i * (one - g * g)
+                    da[n, 3 * H + j] = dht * tc * o * (one - o)
+                    dc[n, j] = dct * f
+            np.dot(da, Whh, dh)  # (n, H)
+        dh0[n0:n1] += dh
+        dc0[n0:n1] += dc
+    proj_backward(dx, dWih, dbih, dacts, x, Wih, parts)
+    proj_backward(dx[:0], dWhh, dbhh, dacts, hs[:T], Whh, parts)

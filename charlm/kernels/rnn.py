@@ -11,9 +11,9 @@ hs (T+1, N, H) with hs[0] = h0. acts (T, N, H) is unused by the forward pass
 (the activations are hs itself) but kept for a common signature; cs unused.
 """
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from .common import JIT, act_tanh
+from .common import JIT, PJIT, act_tanh, chunk, n_parts, proj_backward, proj_forward
 
 
 @njit(**JIT)
@@ -27,27 +27,31 @@ def rnn_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
             hout[n, j] = act_tanh(act[n, j] + bih[j] + bhh[j])
 
 
-@njit(**JIT)
-def rnn_forward(hs, cs, acts, x, Wih, Whh, bih, bhh):
+@njit(**PJIT)
+def rnn_forward(hs, cs, acts, x, Wih, Whh, bih, bhh, parts=1):
     """Run T steps. hs (T+1, N, H) with hs[0] = h0; acts (T, N, H) work space;
-    x (T, N, D); cs unused."""
+    x (T, N, D); cs unused. Split as lstm_forward: input projection by time,
+    recurrence by batch rows."""
     T, N, D = x.shape
     H = hs.shape[2]
-    np.dot(x.reshape(T * N, D), Wih.T, acts.reshape(T * N, H))
+    proj_forward(acts, x, Wih, parts)
     bias = bih + bhh
-    rec = np.empty((N, H), dtype=acts.dtype)
-    for t in range(T):
-        np.dot(hs[t], Whh.T, rec)  # (N, H)
-        a = acts[t]
-        ho = hs[t + 1]
-        for n in range(N):
-            for j in range(H):
-                ho[n, j] = act_tanh(a[n, j] + rec[n, j] + bias[j])
+    nc = n_parts(parts, N)
+    for c in prange(nc):
+        n0, n1 = chunk(c, nc, N)
+        rec = np.empty((n1 - n0, H), dtype=acts.dtype)
+        for t in range(T):
+            np.dot(hs[t, n0:n1], Whh.T, rec)  # (n, H)
+            a = acts[t, n0:n1]
+            ho = hs[t + 1, n0:n1]
+            for n in range(n1 - n0):
+                for j in range(H):
+                    ho[n, j] = act_tanh(a[n, j] + rec[n, j] + bias[j])
 
 
-@njit(**JIT)
+@njit(**PJIT)
 def rnn_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
-                 dhs, hs, cs, acts, x, Wih, Whh):
+                 dhs, hs, cs, acts, x, Wih, Whh, parts=1):
     """Backpropagation through the T steps of rnn_forward.
 
     ADDS into dx (T, N, D), dWih (H, D), dWhh (H, H), dbih, dbhh (H,),
@@ -57,24 +61,19 @@ def rnn_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
     """
     T, N, D = x.shape
     H = hs.shape[2]
-    M = T * N
     one = hs.dtype.type(1.0)
-    dh = np.zeros((N, H), dtype=hs.dtype)
-    for t in range(T - 1, -1, -1):
-        da = dacts[t]
-        ho = hs[t + 1]
-        for n in range(N):
-            for j in range(H):
-                h = ho[n, j]
-                da[n, j] = (dhs[t, n, j] + dh[n, j]) * (one - h * h)
-        np.dot(da, Whh, dh)  # (N, H)
-    dh0 += dh
-    da2 = dacts.reshape(M, H)
-    dWhh += np.dot(da2.T, hs[:T].reshape(M, H))
-    dWih += np.dot(da2.T, x.reshape(M, D))
-    for m in range(M):
-        for k in range(H):
-            dbih[k] += da2[m, k]
-            dbhh[k] += da2[m, k]
-    if dx.shape[0] == T:
-        dx.reshape(M, D)[:, :] += np.dot(da2, Wih)
+    nc = n_parts(parts, N)
+    for c in prange(nc):
+        n0, n1 = chunk(c, nc, N)
+        dh = np.zeros((n1 - n0, H), dtype=hs.dtype)
+        for t in range(T - 1, -1, -1):
+            da = dacts[t, n0:n1]
+            ho = hs[t + 1, n0:n1]
+            for n in range(n1 - n0):
+                for j in range(H):
+                    h = ho[n, j]
+                    da[n, j] = (dhs[t, n0 + n, j] + dh[n, j]) * (one - h * h)
+            np.dot(da, Whh, dh)  # (n, H)
+        dh0[n0:n1] += dh
+    proj_backward(dx, dWih, dbih, dacts, x, Wih, parts)
+    proj_backward(dx[:0], dWhh, dbhh, dacts, hs[:T], Whh, parts)
