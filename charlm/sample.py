@@ -7,19 +7,8 @@ import numpy as np
 
 from .data import Vocab
 from .errors import CharlmError
-from .kernels.sample import CELL_CODES, stack_sample
+from .kernels.sample import CELL_CODES, pack, stack_sample
 from .model import Model
-
-
-def _packed(model: Model):
-    """The parameters stacked per layer, as the compiled sampler takes them."""
-    cfg, p = model.cfg, model.params
-    L = cfg.layers
-    rest = [p[f"rnn.weight_ih_l{k}"] for k in range(1, L)] or [np.zeros((cfg.gates * cfg.hidden, cfg.hidden), model.dtype)]
-    stack = lambda fmt: np.ascontiguousarray(np.stack([p[fmt.format(k)] for k in range(L)]))
-    return (p["embedding.weight"], p["rnn.weight_ih_l0"], np.ascontiguousarray(np.stack(rest)),
-            stack("rnn.weight_hh_l{}"), stack("rnn.bias_ih_l{}"), stack("rnn.bias_hh_l{}"),
-            p["decoder.weight"], p["decoder.bias"])
 
 
 def generate(model: Model, vocab: Vocab, length: int, *, temperature: float = 0.8, prime: str = "",
@@ -40,7 +29,7 @@ def generate(model: Model, vocab: Vocab, length: int, *, temperature: float = 0.
     if top_k < 0:
         raise CharlmError(f"--top-k must be 0 (off) or positive, got {top_k}")
     cfg = model.cfg
-    packed = _packed(model)
+    packed = pack(model.params, cfg.layers)
     rng = np.random.default_rng(seed)
     hs = np.zeros((cfg.layers, 1, cfg.hidden), model.dtype)
     cs = np.zeros_like(hs)

@@ -512,22 +512,7 @@ def stack_params(cell, L, rng, scale=0.8):
 
 def stack_arrays(cell, params, L, dtype=np.float64):
     """The argument layout of stack_sample, built from model-named parameters."""
-    GH = GATES[cell] * H
-    if L > 1:
-        Wih_rest = np.stack([params[f"rnn.weight_ih_l{k}"] for k in range(1, L)])
-    else:
-        Wih_rest = np.zeros((1, GH, H))
-    arrays = (
-        params["embedding.weight"],
-        params["rnn.weight_ih_l0"],
-        Wih_rest,
-        np.stack([params[f"rnn.weight_hh_l{k}"] for k in range(L)]),
-        np.stack([params[f"rnn.bias_ih_l{k}"] for k in range(L)]),
-        np.stack([params[f"rnn.bias_hh_l{k}"] for k in range(L)]),
-        params["decoder.weight"],
-        params["decoder.bias"],
-    )
-    return tuple(np.ascontiguousarray(a, dtype=dtype) for a in arrays)
+    return sample.pack(params, L, dtype)
 
 
 def run_sample(cell, arrays, h, c, prime, uniforms, K, temperature=1.0, top_k=0, greedy=False):
