@@ -528,6 +528,9 @@ def eval_cmd(
             r = evaluate_text(m, ck.vocab, text, streams=streams,
                               progress=lambda d, n: progress.update(task, completed=d, total=n,
                                                                     count=f"{d:,}/{n:,}"))
+        if r["n_tokens"] == 0:  # not a perfect perplexity of 1
+            fail(f"nothing to evaluate: {file} is empty" + (f" but for {r['oov']} characters outside the model's "
+                                                           f"vocabulary" if r["oov"] else ""))
         if as_json:
             print(json.dumps({k: r[k] for k in ("n_tokens", "logprob", "perplexity", "perplexity_excl_oov",
                                                  "bits_per_token", "oov")}))

@@ -278,7 +278,7 @@ def iter_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: 
                     f"{name} is not valid {encoding}: bad byte 0x{bad:02x} at offset {offset}; "
                     f"pass --encoding ENCODING, or --errors replace to substitute U+FFFD") from None
             fed += len(data)
-            text = carry + text
+            text, carry = carry + text, ""  # drop the old carry now: it can be most of a long line
             if final:
                 if text:
                     yield _normalize_newlines(text)
@@ -409,7 +409,7 @@ def write_tokens(pieces, vocab: Vocab, path) -> tuple[np.ndarray, dict[str, int]
     return open_tokens(path, dtype), dict(oov)
 
 
-ENCODE_BLOCK = 1 << 20  # characters encoded at a time: encode_corpus needs ~14 bytes per character
+ENCODE_BLOCK = 1 << 18  # characters encoded at a time: encode_corpus needs ~14 bytes per character
 
 
 def _bounded(pieces, level: str):
