@@ -195,7 +195,7 @@ class Model:
                       p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"],
                       p[f"rnn.bias_ih_l{k}"], p[f"rnn.bias_hh_l{k}"], numba.get_num_threads())
         top = ws.hs[-1][1:].reshape(T * N, cfg.hidden)
-        common.linear_forward(ws.logits, top, p["decoder.weight"], p["decoder.bias"])
+        common.linear_forward(ws.logits, top, p["decoder.weight"], p["decoder.bias"], numba.get_num_threads())
         return ws
 
     def _final_state(self, ws: _Workspace) -> State:
@@ -206,14 +206,15 @@ class Model:
     def loss(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[float, State]:
         """Mean cross-entropy (nats) of targets y (T, N) given inputs x (T, N); no dropout."""
         ws = self._forward(x, state, None)
-        total = common.softmax_xent_forward(ws.logits, ws.logits, np.ascontiguousarray(y).reshape(-1))
+        total = common.softmax_xent_forward(ws.logits, ws.logits, np.ascontiguousarray(y).reshape(-1),
+                                            numba.get_num_threads())
         return float(total) / y.size, self._final_state(ws)  # float: a NumPy scalar without the JIT
 
     def token_logprobs(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """log P(y[t, n] | inputs up to x[t, n]) as float64 (T, N), and the state after."""
         ws = self._forward(x, state, None)
         out = np.empty(y.size, dtype=np.float64)
-        common.log_softmax_gather(out, ws.logits, np.ascontiguousarray(y).reshape(-1))
+        common.log_softmax_gather(out, ws.logits, np.ascontiguousarray(y).reshape(-1), numba.get_num_threads())
         return out.reshape(y.shape), self._final_state(ws)
 
     def probs_last(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
@@ -237,8 +238,9 @@ class Model:
         ws = self._forward(x, state, rng if cfg.dropout > 0 else None)
         targets = np.ascontiguousarray(y).reshape(M)
         targets_in = np.ascontiguousarray(x).reshape(M)
-        total = common.softmax_xent_forward(ws.logits, ws.logits, targets)
-        common.softmax_xent_backward(ws.logits, ws.logits, targets, 1.0 / M)
+        parts = numba.get_num_threads()
+        total = common.softmax_xent_forward(ws.logits, ws.logits, targets, parts)
+        common.softmax_xent_backward(ws.logits, ws.logits, targets, 1.0 / M, parts)
         for g in grads.values():
             g.fill(0)
         for d in ws.dhs:
@@ -247,7 +249,7 @@ class Model:
         ws.dc0.fill(0)
         top = ws.hs[-1][1:].reshape(M, cfg.hidden)
         common.linear_backward(ws.dhs[-1].reshape(M, cfg.hidden), grads["decoder.weight"],
-                               grads["decoder.bias"], ws.logits, top, p["decoder.weight"])
+                               grads["decoder.bias"], ws.logits, top, p["decoder.weight"], parts)
         dropout = cfg.dropout > 0 and rng is not None
         for k in range(cfg.layers - 1, -1, -1):
             inp = ws.emb if k == 0 else (ws.inputs[k] if dropout else ws.hs[k - 1][1:])

@@ -93,32 +93,26 @@ def sigmoid_kernel(out, x):
         out[k] = act_sigmoid(x[k])
 
 
-@njit(**JIT)
-def linear_forward(out, x, W, b):
-    """out = x @ W.T + b.
-
-    out (M, K), x (M, D), W (K, D), b (K,). Arrays C-contiguous.
-    """
-    np.dot(x, W.T, out)
-    M, K = out.shape
-    for m in range(M):
-        for k in range(K):
-            out[m, k] += b[k]
+# ------------------------------------------------------------ parallel building blocks
+# Two cores are used by splitting work between threads (numba prange) with each
+# BLAS call single-threaded, rather than letting BLAS split every small per-step
+# product: recurrences are split by batch rows (no synchronisation inside the
+# time loop), whole-window products by time. The caller keeps BLAS at one thread
+# and passes parts = the number of threads (kernels read no globals: Numba's
+# get_num_threads() would also make them uncacheable).
+PJIT = dict(JIT, parallel=True)
 
 
 @njit(**JIT)
-def linear_backward(dx, dW, db, dout, x, W):
-    """Gradients of out = x @ W.T + b. ADDS into dx (M, D), dW (K, D), db (K,).
+def chunk(c, nc, n):
+    """Bounds [lo, hi) of part c of nc near-equal parts of range(n)."""
+    return c * n // nc, (c + 1) * n // nc
 
-    dout (M, K), x (M, D), W (K, D). Pass dx of shape (0, 0) to skip it.
-    """
-    dW += np.dot(dout.T, x)  # (K, D)
-    M, K = dout.shape
-    for m in range(M):
-        for k in range(K):
-            db[k] += dout[m, k]
-    if dx.shape[0] == M:
-        dx += np.dot(dout, W)  # (M, D)
+
+@njit(**JIT)
+def n_parts(parts, n):
+    """How many parts to split n rows into: `parts` (one per thread), at most n."""
+    return max(1, min(parts, n))
 
 
 @njit(**JIT)
@@ -142,16 +136,11 @@ def embedding_backward(dtable, dout, ids):
 
 
 @njit(**JIT)
-def softmax_xent_forward(probs, logits, targets):
-    """Row-wise softmax of logits into probs; returns sum_m -log probs[m, targets[m]].
-
-    probs (M, V) may be the same array as logits (M, V); targets (M,) ints.
-    The sum is accumulated in float64. Rows whose target is negative are
-    skipped in the sum (their probabilities are still computed).
-    """
-    M, V = logits.shape
+def _softmax_rows(probs, logits, targets, m0, m1):
+    """softmax_xent_forward on rows [m0, m1); returns their summed -log p."""
+    V = logits.shape[1]
     total = 0.0
-    for m in range(M):
+    for m in range(m0, m1):
         mx = logits[m, 0]
         for v in range(1, V):
             if logits[m, v] > mx:
@@ -172,43 +161,67 @@ def softmax_xent_forward(probs, logits, targets):
     return total
 
 
-@njit(**JIT)
-def log_softmax_gather(out, logits, targets):
+@njit(**PJIT)
+def softmax_xent_forward(probs, logits, targets, parts=1):
+    """Row-wise softmax of logits into probs; returns sum_m -log probs[m, targets[m]].
+
+    probs (M, V) may be the same array as logits (M, V); targets (M,) ints.
+    The sum is accumulated in float64. Rows whose target is negative are
+    skipped in the sum (their probabilities are still computed). Rows are
+    split between `parts` threads.
+    """
+    M = logits.shape[0]
+    nc = n_parts(parts, M)
+    partial = np.zeros(nc)
+    for c in prange(nc):
+        m0, m1 = chunk(c, nc, M)
+        partial[c] = _softmax_rows(probs, logits, targets, m0, m1)
+    return partial.sum()
+
+
+@njit(**PJIT)
+def log_softmax_gather(out, logits, targets, parts=1):
     """out[m] = log softmax(logits[m])[targets[m]] (float64 out (M,)); logits (M, V).
-    A negative target gives out[m] = 0 (padding)."""
+    A negative target gives out[m] = 0 (padding). Rows split between `parts` threads."""
     M, V = logits.shape
-    for m in range(M):
-        t = targets[m]
-        if t < 0:
-            out[m] = 0.0
-            continue
-        mx = np.float64(logits[m, 0])
-        for v in range(1, V):
-            if logits[m, v] > mx:
-                mx = np.float64(logits[m, v])
-        s = 0.0
-        for v in range(V):
-            s += np.exp(np.float64(logits[m, v]) - mx)
-        out[m] = (np.float64(logits[m, t]) - mx) - np.log(s)
+    nc = n_parts(parts, M)
+    for c in prange(nc):
+        m0, m1 = chunk(c, nc, M)
+        for m in range(m0, m1):
+            t = targets[m]
+            if t < 0:
+                out[m] = 0.0
+                continue
+            mx = np.float64(logits[m, 0])
+            for v in range(1, V):
+                if logits[m, v] > mx:
+                    mx = np.float64(logits[m, v])
+            s = 0.0
+            for v in range(V):
+                s += np.exp(np.float64(logits[m, v]) - mx)
+            out[m] = (np.float64(logits[m, t]) - mx) - np.log(s)
 
 
-@njit(**JIT)
-def softmax_xent_backward(dlogits, probs, targets, scale):
+@njit(**PJIT)
+def softmax_xent_backward(dlogits, probs, targets, scale, parts=1):
     """dlogits = scale * (probs - onehot(targets)). Overwrites dlogits (M, V).
 
     dlogits may be the same array as probs (M, V). Rows with a negative target
-    get zero gradient.
+    get zero gradient. Rows split between `parts` threads.
     """
     M, V = probs.shape
-    for m in range(M):
-        t = targets[m]
-        if t < 0:
+    nc = n_parts(parts, M)
+    for c in prange(nc):
+        m0, m1 = chunk(c, nc, M)
+        for m in range(m0, m1):
+            t = targets[m]
+            if t < 0:
+                for v in range(V):
+                    dlogits[m, v] = 0.0
+                continue
             for v in range(V):
-                dlogits[m, v] = 0.0
-            continue
-        for v in range(V):
-            dlogits[m, v] = probs[m, v] * scale
-        dlogits[m, t] -= scale
+                dlogits[m, v] = probs[m, v] * scale
+            dlogits[m, t] -= scale
 
 
 @njit(**JIT)
@@ -280,26 +293,50 @@ def sum_squares(a):
     return s
 
 
-# ------------------------------------------------------------ parallel building blocks
-# Two cores are used by splitting work between threads (numba prange) with each
-# BLAS call single-threaded, rather than letting BLAS split every small per-step
-# product: recurrences are split by batch rows (no synchronisation inside the
-# time loop), whole-window products by time. The caller keeps BLAS at one thread
-# and passes parts = the number of threads (kernels read no globals: Numba's
-# get_num_threads() would also make them uncacheable).
-PJIT = dict(JIT, parallel=True)
+@njit(**PJIT)
+def linear_forward(out, x, W, b, parts=1):
+    """out = x @ W.T + b, rows split between `parts` threads.
+
+    out (M, K), x (M, D), W (K, D), b (K,). Arrays C-contiguous.
+    """
+    M, D = x.shape
+    K = W.shape[0]
+    nc = n_parts(parts, M)
+    for c in prange(nc):
+        m0, m1 = chunk(c, nc, M)
+        o = out[m0:m1]
+        np.dot(x[m0:m1], W.T, o)
+        for m in range(m1 - m0):
+            for k in range(K):
+                o[m, k] += b[k]
 
 
-@njit(**JIT)
-def chunk(c, nc, n):
-    """Bounds [lo, hi) of part c of nc near-equal parts of range(n)."""
-    return c * n // nc, (c + 1) * n // nc
+@njit(**PJIT)
+def linear_backward(dx, dW, db, dout, x, W, parts=1):
+    """Gradients of out = x @ W.T + b. ADDS into dW (K, D), db (K,) and, unless
+    dx has shape (0, 0), dx (M, D). dout (M, K), x (M, D), W (K, D).
 
-
-@njit(**JIT)
-def n_parts(parts, n):
-    """How many parts to split n rows into: `parts` (one per thread), at most n."""
-    return max(1, min(parts, n))
+    Rows are split between `parts` threads; each sums its rows into its own
+    partial dW and db, added together at the end.
+    """
+    M, D = x.shape
+    K = W.shape[0]
+    nc = n_parts(parts, M)
+    pW = np.zeros((nc, K, D), dtype=dW.dtype)
+    pb = np.zeros((nc, K), dtype=db.dtype)
+    with_dx = dx.shape[0] == M
+    for c in prange(nc):
+        m0, m1 = chunk(c, nc, M)
+        d2 = dout[m0:m1]
+        np.dot(d2.T, x[m0:m1], pW[c])
+        for r in range(m1 - m0):
+            for k in range(K):
+                pb[c, k] += d2[r, k]
+        if with_dx:
+            dx[m0:m1] += np.dot(d2, W)
+    for c in range(nc):
+        dW += pW[c]
+        db += pb[c]
 
 
 @njit(**PJIT)
@@ -313,30 +350,12 @@ def proj_forward(out, x, W, parts=1):
         np.dot(x[t0:t1].reshape((t1 - t0) * N, D), W.T, out[t0:t1].reshape((t1 - t0) * N, K))
 
 
-@njit(**PJIT)
+@njit(**JIT)
 def proj_backward(dx, dW, db, dout, x, W, parts=1):
-    """Gradients of out = x @ W.T + b over a window, split by time.
-
-    ADDS into dW (K, D), db (K,) and, unless dx has shape (0, 0, 0), dx (T, N, D).
-    dout (T, N, K), x (T, N, D), W (K, D). Each thread sums its time steps into its
-    own partial dW; the partials are added at the end.
-    """
+    """Gradients of out = x @ W.T + b over a window (T, N, .): linear_backward on
+    the (T*N)-row views. ADDS into dW (K, D), db (K,) and, unless dx has shape
+    (0, 0, 0), dx (T, N, D). dout (T, N, K), x (T, N, D), W (K, D)."""
     T, N, D = x.shape
     K = W.shape[0]
-    nc = n_parts(parts, T)
-    pW = np.zeros((nc, K, D), dtype=dW.dtype)
-    pb = np.zeros((nc, K), dtype=db.dtype)
-    with_dx = dx.shape[0] == T
-    for c in prange(nc):
-        t0, t1 = chunk(c, nc, T)
-        m = (t1 - t0) * N
-        d2 = dout[t0:t1].reshape(m, K)
-        np.dot(d2.T, x[t0:t1].reshape(m, D), pW[c])
-        for r in range(m):
-            for k in range(K):
-                pb[c, k] += d2[r, k]
-        if with_dx:
-            dx[t0:t1].reshape(m, D)[:, :] += np.dot(d2, W)
-    for c in range(nc):
-        dW += pW[c]
-        db += pb[c]
+    dx2 = dx.reshape(T * N, D) if dx.shape[0] == T else dx.reshape(0, 0)
+    linear_backward(dx2, dW, db, dout.reshape(T * N, K), x.reshape(T * N, D), W, parts)
