@@ -258,6 +258,12 @@ def _latest_of(path: str) -> str:
         raise CharlmError(f"no {checkpoint.LATEST} in {p}: nothing to resume")
     if not p.exists():
         raise CharlmError(f"nothing to resume: {p} does not exist")
+    latest = p.parent / checkpoint.LATEST
+    if p.name != checkpoint.LATEST and latest.is_file():
+        older, newer = checkpoint.load(p).step, checkpoint.load(latest).step
+        if older < newer:
+            raise CharlmError(f"resuming from {p} (step {older}) would overwrite {latest} (step {newer}); resume "
+                              f"the run directory {p.parent}, or start a new run from {p} with --init-from")
     return str(p)
 
 

@@ -201,6 +201,9 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
         if source is None:
             raise CharlmError("no corpus given")
         run_dir = Path(run_dir)
+        if (run_dir / ckpt_mod.LATEST).exists() or (run_dir / ckpt_mod.BEST).exists():
+            raise CharlmError(f"{run_dir} already holds a run's checkpoints; continue it with --resume {run_dir}, "
+                              f"or give a new --out")
         created = next((p for p in [*reversed(run_dir.absolute().parents), run_dir.absolute()]
                         if not p.exists()), None)  # the first folder this run creates, removed on failure
         try:

@@ -255,8 +255,6 @@ def test_an_output_folder_that_is_a_file_or_cannot_be_made(run_cli, tmp_path):
                "cannot create output folder /proc/charlm-test/run")
 
 
-@pytest.mark.xfail(strict=True, reason="a new run silently overwrites the checkpoints and token file of another "
-                                       "run in its --out folder; it should refuse and point to --resume")
 def test_a_new_run_does_not_overwrite_another_runs_checkpoints(run_cli, tmp_path):
     ok(run_cli("train", TINY, *TRAIN, "--out", "run"))
     before = (tmp_path / "run" / "latest.npz").read_bytes()

@@ -121,8 +121,6 @@ def test_resume_at_the_end_of_an_epoch(run_cli, tmp_path):
                                checkpoint.load(tmp_path / "split" / "latest.npz"))
 
 
-@pytest.mark.xfail(strict=True, reason="--resume RUN/best.npz continues from the best (older) step and then "
-                                       "overwrites RUN/latest.npz, losing the steps after it without a word")
 def test_resuming_from_an_older_best_does_not_destroy_latest(run_cli, tmp_path):
     ok(run_cli("train", TINY, *SMALL, "--layers", "1", "--steps", "4", "--eval-every", "2", "--out", "run"))
     run = tmp_path / "run"
