@@ -358,7 +358,8 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
             if nonfinite_run >= MAX_NONFINITE:
                 yield from save(latest_path)
                 raise CharlmError(f"the loss is not finite after {MAX_NONFINITE} tries with a halved learning rate; "
-                                  f"train with a lower --lr or with --clip 5 (the last good weights are in {latest_path})")
+                                  f"start again with a lower --lr or --clip 5, e.g. charlm train CORPUS --init-from "
+                                  f"{latest_path} --lr {run.lr:g} (the last good weights are in {latest_path})")
             continue
         nonfinite_run = 0
         if run.step - snapshot["step"] >= SNAPSHOT_EVERY:
