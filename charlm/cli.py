@@ -290,14 +290,14 @@ def _render_training(events, as_json: bool, quiet: bool, level: str = "char") ->
                        "val_bpc": _num(ev["val_bpc"]), "tokens_per_s": ev["tokens_per_s"]}
                 if level == "word":
                     rec["val_ppl"] = _num(ev["val_ppl"])
-                print(json.dumps(rec), flush=True)
+                print(_dumps(rec), flush=True)
             elif kind == "done":
                 done = ev
                 keys = ("event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "checkpoint")
-                print(json.dumps({k: ev[k] for k in keys + (("best_val_ppl",) if level == "word" else ())}),
+                print(_dumps({k: ev[k] for k in keys + (("best_val_ppl",) if level == "word" else ())}),
                       flush=True)
             elif kind == "nonfinite":
-                print(json.dumps({"event": "nonfinite", "step": ev["step"], "lr": ev["lr"]}), flush=True)
+                print(_dumps({"event": "nonfinite", "step": ev["step"], "lr": ev["lr"]}), flush=True)
                 err.print(f"[yellow]note:[/] step {ev['step']}: non-finite loss: update skipped, learning rate halved to {ev['lr']:g}")
             elif kind == "note":
                 err.print(f"[yellow]note:[/] {escape(ev['message'])}")
@@ -372,6 +372,22 @@ def _render_training(events, as_json: bool, quiet: bool, level: str = "char") ->
     table.add_row("latest checkpoint", done["latest"])
     out.print(table)
     return done
+
+
+def _strict(obj):
+    """The object with every non-finite float (a diverged model's perplexity) as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def _dumps(obj, **kw) -> str:
+    """Strict JSON (no NaN / Infinity tokens: they become null)."""
+    return json.dumps(_strict(obj), allow_nan=False, **kw)
 
 
 def _num(x):
@@ -466,9 +482,9 @@ def score(
         if as_json:
             strip = lambda r: {k: v for k, v in r.items() if k not in ("oov_tokens", "oov_logprob")}
             if len(results) == 1:
-                print(json.dumps(strip(results[0]), ensure_ascii=False))
+                print(_dumps(strip(results[0]), ensure_ascii=False))
             else:
-                print(json.dumps({"texts": [strip(r) for r in results], "total": total}, ensure_ascii=False))
+                print(_dumps({"texts": [strip(r) for r in results], "total": total}, ensure_ascii=False))
             return
         word = ck.vocab.level == "word"
         for i, (t, r) in enumerate(zip(texts, results)):
@@ -538,7 +554,7 @@ def eval_cmd(
             fail(f"nothing to evaluate: {file} is empty" + (f" but for {r['oov']} characters outside the model's "
                                                            f"vocabulary" if r["oov"] else ""))
         if as_json:
-            print(json.dumps({k: r[k] for k in ("n_tokens", "logprob", "perplexity", "perplexity_excl_oov",
+            print(_dumps({k: r[k] for k in ("n_tokens", "logprob", "perplexity", "perplexity_excl_oov",
                                                  "bits_per_token", "oov")}))
             return
         word = ck.vocab.level == "word"
