@@ -595,3 +595,31 @@ def test_stack_sample_float32(cell, rng):
     out32 = run_sample(cell, stack_arrays(cell, params, L, np.float32), h0.astype(np.float32),
                        c0.astype(np.float32), prime, np.zeros(K), K, greedy=True)
     np.testing.assert_array_equal(out32, out64)
+
+
+# ------------------------------------------------------------------ thread splits
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("N", [1, 2, 3])
+@pytest.mark.parametrize("parts", [2, 4])
+def test_forward_and_backward_do_not_depend_on_the_thread_split(cell, N, parts, rng):
+    """parts splits the work by batch rows, by time, or (fewer rows than parts, lstm) by
+    hidden units; every split must give the result of parts=1 (up to float rounding)."""
+    _, fwd, bwd = KERNELS[cell]
+    T_, D_, H_ = 5, 4, 6
+    G = GATES[cell]
+    x = rng.standard_normal((T_, N, D_))
+    W = [rng.standard_normal((G * H_, D_)) * 0.5, rng.standard_normal((G * H_, H_)) * 0.5,
+         rng.standard_normal(G * H_) * 0.1, rng.standard_normal(G * H_) * 0.1]
+    dout = rng.standard_normal((T_, N, H_))
+    results = []
+    for p in (1, parts):
+        hs = np.zeros((T_ + 1, N, H_)); cs = np.zeros((T_ + 1, N, H_))
+        hs[0] = 0.3; cs[0] = -0.2
+        acts = np.zeros((T_, N, 4 * H_ if cell == "gru" else G * H_))
+        fwd(hs, cs, acts, x, *W, p)
+        grads = [np.zeros((T_, N, D_)), np.zeros_like(W[0]), np.zeros_like(W[1]), np.zeros_like(W[2]),
+                 np.zeros_like(W[3]), np.zeros((N, H_)), np.zeros((N, H_))]
+        bwd(*grads, np.zeros((T_, N, G * H_)), np.zeros((T_, N, G * H_)), dout, hs, cs, acts, x, W[0], W[1], p)
+        results.append([hs, cs, acts] + grads)
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

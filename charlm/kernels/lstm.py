@@ -20,11 +20,12 @@ from .common import JIT, PJIT, act_sigmoid, act_tanh, chunk, n_parts, proj_backw
 
 
 @njit(**JIT)
-def _lstm_cell(hout, cout, act, a, c, H):
-    """Activate pre-activations a (N, 4H) in place into act; write h, c (N, H)."""
+def _lstm_cell(hout, cout, act, a, c, H, j0, j1):
+    """Activate pre-activations a (N, 4H) in place into act; write h, c (N, H),
+    for the hidden units j0 <= j < j1."""
     N = a.shape[0]
     for n in range(N):
-        for j in range(H):
+        for j in range(j0, j1):
             i = act_sigmoid(a[n, j])
             f = act_sigmoid(a[n, H + j])
             g = act_tanh(a[n, 2 * H + j])
@@ -47,7 +48,27 @@ def lstm_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
     act += np.dot(h, Whh.T)  # (N, 4H)
     act += bih
     act += bhh
-    _lstm_cell(hout, cout, act, act, c, H)
+    _lstm_cell(hout, cout, act, act, c, H, 0, H)
+
+
+@njit(**PJIT)
+def _lstm_recur_by_units(hs, cs, acts, Whh, bias, nc):
+    """The recurrence of lstm_forward for fewer streams than threads (scoring one
+    text): each step's product and cell are split by hidden units, nc parts,
+    with a barrier at the end of every step (the next step needs all of h)."""
+    T, N, _ = acts.shape
+    H = hs.shape[2]
+    for t in range(T):
+        for c in prange(nc):
+            j0, j1 = chunk(c, nc, H)
+            a = acts[t]
+            for g in range(4):
+                r0 = g * H + j0
+                blk = np.dot(hs[t], Whh[r0:g * H + j1].T)  # (N, j1 - j0)
+                for n in range(N):
+                    for j in range(j1 - j0):
+                        a[n, r0 + j] += blk[n, j] + bias[r0 + j]
+            _lstm_cell(hs[t + 1], cs[t + 1], a, a, cs[t], H, j0, j1)
 
 
 @njit(**PJIT)
@@ -58,12 +79,16 @@ def lstm_forward(hs, cs, acts, x, Wih, Whh, bih, bhh, parts=1):
     The input projection of the whole window is one product (split by time);
     the recurrence is split by batch rows, each thread running the whole time
     loop on its rows, so threads never wait for each other inside the loop.
+    With fewer rows than threads it is split by hidden units instead.
     """
     T, N, D = x.shape
     H = hs.shape[2]
     G4 = 4 * H
     proj_forward(acts, x, Wih, parts)
     bias = bih + bhh
+    if N < parts:
+        _lstm_recur_by_units(hs, cs, acts, Whh, bias, min(parts, H))
+        return
     nc = n_parts(parts, N)
     for c in prange(nc):
         n0, n1 = chunk(c, nc, N)
@@ -74,7 +99,7 @@ def lstm_forward(hs, cs, acts, x, Wih, Whh, bih, bhh, parts=1):
             for n in range(n1 - n0):
                 for k in range(G4):
                     a[n, k] += rec[n, k] + bias[k]
-            _lstm_cell(hs[t + 1, n0:n1], cs[t + 1, n0:n1], a, a, cs[t, n0:n1], H)
+            _lstm_cell(hs[t + 1, n0:n1], cs[t + 1, n0:n1], a, a, cs[t, n0:n1], H, 0, H)
 
 
 @njit(**PJIT)
