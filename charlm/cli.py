@@ -5,6 +5,7 @@ This is the only module that imports typer or rich. Library errors
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -513,7 +514,7 @@ def score(
         fail(str(e))
 
 
-score.__doc__ += "\n\n" + PPL_HELP
+score.__doc__ = inspect.cleandoc(score.__doc__) + "\n\n" + PPL_HELP
 
 
 @app.command("eval")
@@ -540,6 +541,8 @@ def eval_cmd(
         if streams <= 0:
             fail(f"--streams must be positive, got {streams}")
         text = read_text(file, encoding, errors, what="file")
+        if text and not text.endswith("\n"):
+            text += "\n"  # the last line ends with <eos> too, newline or not
         ck, m = _load_model(model)
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
         with _limit_threads(threads), Progress(
@@ -568,7 +571,7 @@ def eval_cmd(
         fail(str(e))
 
 
-eval_cmd.__doc__ += "\n\n" + PPL_HELP
+eval_cmd.__doc__ = inspect.cleandoc(eval_cmd.__doc__) + "\n\n" + PPL_HELP
 
 
 def main():

@@ -333,3 +333,13 @@ def test_score_empty_input(run_cli, tmp_path):
 
 def test_score_missing_file(run_cli):
     failed(run_cli("score", "--file", "nope.txt"), "not found", "nope.txt")
+
+
+def test_eval_counts_an_eos_for_a_last_line_without_newline(run_cli, tmp_path):
+    ok(run_cli("train", TINY, *TRAIN_TINY, "--out", "run"))
+    (tmp_path / "a.txt").write_text("the end of it\nand more\n")
+    (tmp_path / "b.txt").write_text("the end of it\nand more")
+    a = json.loads(ok(run_cli("eval", "a.txt", "--model", "run", "--json")).stdout)
+    b = json.loads(ok(run_cli("eval", "b.txt", "--model", "run", "--json")).stdout)
+    assert a["n_tokens"] == b["n_tokens"] == len("the end of it\nand more\n")
+    assert a["logprob"] == b["logprob"]
