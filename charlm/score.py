@@ -28,12 +28,25 @@ LN10 = math.log(10.0)
 LN2 = math.log(2.0)
 
 
-def _exp(x: float) -> float:
+def safe_exp(x: float) -> float:
     """exp(x), inf instead of OverflowError (a perplexity past 1e308, from a diverged model)."""
     try:
         return math.exp(x)
     except OverflowError:
         return math.inf
+
+
+def totals(total: float, n: int, oov_lp: float = 0.0, n_oov_factors: int = 0) -> dict:
+    """The summary figures of n scored factors with total ln P (formulas in the module docstring)."""
+    n_in = n - n_oov_factors
+    return {
+        "logprob": total,
+        "log10prob": total / LN10,
+        "bits_per_token": (-total / LN2 / n) if n else 0.0,
+        "perplexity": safe_exp(-total / n) if n else 1.0,
+        "perplexity_excl_oov": safe_exp(-(total - oov_lp) / n_in) if n_in else 1.0,
+        "n_tokens": n,
+    }
 
 
 def _logprobs(model: Model, inputs: np.ndarray, targets: np.ndarray, window: int) -> np.ndarray:
@@ -63,20 +76,12 @@ def score_text(model: Model, vocab: Vocab, text: str, *, eos: bool = True, windo
 
 
 def summarize(targets, lp, shown, is_oov, n_skipped: int = 0, oov_tokens=()) -> dict:
-    n = len(targets)
-    total = float(lp.sum())
     oov_lp = float(lp[is_oov].sum())
     n_oov_factors = int(is_oov.sum())
-    n_in = n - n_oov_factors
     return {
         "tokens": [{"token": s, "id": int(t), "prob": math.exp(l), "logprob": float(l), "oov": bool(o)}
                    for s, t, l, o in zip(shown, targets, lp, is_oov)],
-        "logprob": total,
-        "log10prob": total / LN10,
-        "bits_per_token": (-total / LN2 / n) if n else 0.0,
-        "perplexity": _exp(-total / n) if n else 1.0,
-        "perplexity_excl_oov": _exp(-(total - oov_lp) / n_in) if n_in else 1.0,
-        "n_tokens": n,
+        **totals(float(lp.sum()), len(targets), oov_lp, n_oov_factors),
         "oov": n_oov_factors + n_skipped,
         "oov_logprob": oov_lp,
         "oov_tokens": sorted(set(oov_tokens)),
@@ -88,14 +93,8 @@ def corpus_total(results: list[dict]) -> dict:
     total = sum(r["logprob"] for r in results)
     n_oov_factors = sum(sum(t["oov"] for t in r["tokens"]) for r in results)
     oov_lp = sum(r.get("oov_logprob", 0.0) for r in results)
-    n_in = n - n_oov_factors
     return {
-        "logprob": total,
-        "log10prob": total / LN10,
-        "bits_per_token": (-total / LN2 / n) if n else 0.0,
-        "perplexity": _exp(-total / n) if n else 1.0,
-        "perplexity_excl_oov": _exp(-(total - oov_lp) / n_in) if n_in else 1.0,
-        "n_tokens": n,
+        **totals(total, n, oov_lp, n_oov_factors),
         "oov": sum(r["oov"] for r in results),
         "n_texts": len(results),
     }
@@ -140,14 +139,8 @@ def evaluate_text(model: Model, vocab: Vocab, text: str, *, streams: int = 1, wi
             done += int(valid.sum())
             if progress:
                 progress(done, n)
-    n_oov_factors = int(is_oov.sum())
-    n_in = n - n_oov_factors
     return {
-        "n_tokens": n,
-        "logprob": total,
-        "perplexity": _exp(-total / n) if n else 1.0,
-        "perplexity_excl_oov": _exp(-(total - oov_lp) / n_in) if n_in else 1.0,
-        "bits_per_token": (-total / LN2 / n) if n else 0.0,
+        **totals(total, n, oov_lp, int(is_oov.sum())),
         "oov": len(oov),
         "streams": K,
     }

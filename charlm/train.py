@@ -28,17 +28,10 @@ from .data import (TOKENS_FILE, VAL_TOKENS_FILE, Batches, Vocab, eval_windows, f
 from .errors import CharlmError
 from .model import Model
 from .optim import clip_scale, grad_norm, make_optimizer
+from .score import safe_exp
 
 LN2 = math.log(2.0)
 MAX_NONFINITE = 5
-
-
-def _exp(x: float) -> float:
-    """exp(x), inf instead of OverflowError (the perplexity of a diverged model)."""
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf
 
 
 def evaluate(model: Model, ids: np.ndarray, seq_len: int, streams: int) -> float:
@@ -328,7 +321,7 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
             from .sample import generate
             sample = "".join(generate(model, vocab, sample_chars, temperature=sample_temp, seed=run.step))
         yield {"event": "eval", "step": run.step, "train_loss": train_loss, "val_loss": val,
-               "val_bpc": val / LN2, "val_ppl": _exp(val) if math.isfinite(val) else float("nan"),
+               "val_bpc": val / LN2, "val_ppl": safe_exp(val) if math.isfinite(val) else float("nan"),
                "tokens_per_s": rate(), "sample": sample, "best": improved}
         yield from save(latest_path)
         if improved or not (best_path.exists() or math.isfinite(val)):
@@ -387,7 +380,7 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
     yield {"event": "done", "steps": run.step, "tokens": run.tokens - tokens_at_start, "seconds": clock() - start,
            "train_seconds": run.train_seconds - seconds_at_start, "tokens_per_s": rate(),
            "best_val_bpc": run.best_val / LN2 if run.best_val is not None else None,
-           "best_val_ppl": _exp(run.best_val) if run.best_val is not None else None, "level": train_cfg.level,
+           "best_val_ppl": safe_exp(run.best_val) if run.best_val is not None else None, "level": train_cfg.level,
            "checkpoint": str(best_path), "latest": str(latest_path), "reason": reason,
            "clipped_fraction": run.clipped / run.step if run.step else 0.0, "run_dir": str(run_dir)}
 
