@@ -573,6 +573,12 @@ def eval_cmd(
 
 eval_cmd.__doc__ = inspect.cleandoc(eval_cmd.__doc__) + "\n\n" + PPL_HELP
 
+# Commands kept in their own modules (they import fail/out/err/_dumps from here, so this comes last).
+from . import cli_grads, cli_qa  # noqa: E402
+
+cli_grads.register(app)
+cli_qa.register(app)
+
 
 def main():
     """Console-script entry: any unexpected error is one line unless CHARLM_DEBUG=1."""
