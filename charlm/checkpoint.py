@@ -5,6 +5,7 @@ File: an uncompressed NumPy .npz (a zip of .npy arrays) holding
     param/<name>        the model parameters (names and shapes: charlm.model.param_shapes)
     opt/m/<name>, opt/v/<name>   Adam moments (absent for SGD)
     state/h, state/c    (L, N, H) hidden state carried into the next training window
+    hist/grad_norm      float32 (step,) the gradient norm before clipping at every training step
 The JSON holds: format ("charlm-checkpoint"), version, model (ModelConfig),
 train (TrainConfig), vocab, optimizer (name, t, ...), step, epoch, window,
 best_val_loss, rng (numpy bit-generator state), history, corpus, data (the
@@ -58,6 +59,7 @@ class Checkpoint:
     corpus: str = ""
     data: dict = field(default_factory=dict)      # token files of the run: names, dtype, sizes, sha256
     counters: dict = field(default_factory=dict)  # tokens, train_seconds, clipped, ...
+    grad_norms: np.ndarray | None = None          # (step,) float32 pre-clip gradient norm of every step
     path: str = ""
 
 
@@ -77,6 +79,8 @@ def save(ckpt: Checkpoint, path: str | os.PathLike) -> None:
     arrays: dict[str, np.ndarray] = {f"param/{n}": a for n, a in ckpt.params.items()}
     arrays.update({f"opt/{n}": a for n, a in ckpt.opt_arrays.items()})
     arrays.update({f"state/{n}": a for n, a in ckpt.state.items()})
+    if ckpt.grad_norms is not None:
+        arrays["hist/grad_norm"] = np.asarray(ckpt.grad_norms, dtype=np.float32)
     meta = {
         "format": FORMAT, "version": VERSION,
         "model": ckpt.model.to_dict(),
@@ -181,6 +185,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
             best_val_loss=meta.get("best_val_loss"), rng=meta.get("rng"),
             history=meta.get("history") or [], corpus=meta.get("corpus", ""), path=path,
             data=meta.get("data") or {}, counters=meta.get("counters") or {},
+            grad_norms=arrays.get("hist/grad_norm"),
         )
     except (KeyError, TypeError, ValueError, CharlmError) as e:
         raise CharlmError(f"{bad} (metadata: {e})") from None

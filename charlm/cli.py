@@ -294,7 +294,8 @@ def _render_training(events, as_json: bool, quiet: bool, level: str = "char") ->
                 print(_dumps(rec), flush=True)
             elif kind == "done":
                 done = ev
-                keys = ("event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "checkpoint")
+                keys = ("event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "clipped_fraction",
+                        "grad_norm_median", "checkpoint")
                 print(_dumps({k: ev[k] for k in keys + (("best_val_ppl",) if level == "word" else ())}),
                       flush=True)
             elif kind == "nonfinite":
@@ -368,7 +369,9 @@ def _render_training(events, as_json: bool, quiet: bool, level: str = "char") ->
         table.add_row("best val perplexity", f"{done['best_val_ppl']:.2f}" if done["best_val_ppl"] is not None else "-")
     table.add_row("best val bits/token" if level == "word" else "best val bpc",
                   f"{done['best_val_bpc']:.4f}" if done["best_val_bpc"] is not None else "-")
-    table.add_row("clipped steps", f"{100 * done['clipped_fraction']:.1f} %")
+    table.add_row("clipped steps", f"{100 * done['clipped_fraction']:.1f} %"
+                  + (f" (median gradient norm before clipping {done['grad_norm_median']:.3g})"
+                     if done.get("grad_norm_median") is not None else ""))
     table.add_row("best checkpoint", done["checkpoint"])
     table.add_row("latest checkpoint", done["latest"])
     out.print(table)

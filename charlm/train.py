@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -100,6 +101,7 @@ class _Run:
     tokens: int = 0
     train_seconds: float = 0.0
     clipped: int = 0
+    grad_norms: array = field(default_factory=lambda: array("f"))  # pre-clip norm of every step (float32 in the checkpoint)
 
 
 def _prepare_tokens(source: Source, val_source: Source | None, cfg: TrainConfig, run_dir: Path,
@@ -257,7 +259,8 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
         run = _Run(step=resume.step, epoch=resume.epoch, window=resume.window,
                    lr=float(resume.optimizer.get("lr", train_cfg.lr)), best_val=resume.best_val_loss,
                    history=list(resume.history), tokens=int(c.get("tokens", 0)),
-                   train_seconds=float(c.get("train_seconds", 0.0)), clipped=int(c.get("clipped", 0)))
+                   train_seconds=float(c.get("train_seconds", 0.0)), clipped=int(c.get("clipped", 0)),
+                   grad_norms=array("f", [] if resume.grad_norms is None else resume.grad_norms.tolist()))
         if "h" in resume.state and resume.state["h"].shape == state.h.shape:
             state.h[...] = resume.state["h"]
             state.c[...] = resume.state["c"]
@@ -297,7 +300,8 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
             optimizer={**opt.state_meta(), "lr": run.lr}, opt_arrays=opt.state_arrays(),
             state={"h": state.h, "c": state.c}, step=run.step, epoch=run.epoch, window=run.window,
             best_val_loss=run.best_val, rng=rng.bit_generator.state, history=run.history, corpus=corpus_name,
-            data=data, counters={"tokens": run.tokens, "train_seconds": run.train_seconds, "clipped": run.clipped})
+            data=data, counters={"tokens": run.tokens, "train_seconds": run.train_seconds, "clipped": run.clipped},
+            grad_norms=np.frombuffer(run.grad_norms, dtype=np.float32).copy())
         ckpt_mod.save(ck, path)
         yield {"event": "saved", "path": str(path)}
 
@@ -361,6 +365,7 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
             snapshot = _snapshot(model, opt, state, run.step)
         scale = clip_scale(norm, train_cfg.clip)
         run.clipped += scale < 1.0
+        run.grad_norms.append(norm)
         opt.step(model.params, grads, run.lr, scale)
         state = new_state
         run.train_seconds += clock() - ts
@@ -382,7 +387,9 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
            "best_val_bpc": run.best_val / LN2 if run.best_val is not None else None,
            "best_val_ppl": safe_exp(run.best_val) if run.best_val is not None else None, "level": train_cfg.level,
            "checkpoint": str(best_path), "latest": str(latest_path), "reason": reason,
-           "clipped_fraction": run.clipped / run.step if run.step else 0.0, "run_dir": str(run_dir)}
+           "clipped_fraction": run.clipped / run.step if run.step else 0.0,
+           "grad_norm_median": float(np.median(np.frombuffer(run.grad_norms, dtype=np.float32))) if run.grad_norms else None,
+           "run_dir": str(run_dir)}
 
 
 SNAPSHOT_EVERY = 100

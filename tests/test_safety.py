@@ -64,6 +64,8 @@ def assert_same_training_state(x: checkpoint.Checkpoint, y: checkpoint.Checkpoin
     assert x.optimizer == y.optimizer  # name, t, betas, eps and the current lr
     assert x.rng == y.rng
     assert x.counters["tokens"] == y.counters["tokens"] and x.counters["clipped"] == y.counters["clipped"]
+    assert x.grad_norms is not None and len(x.grad_norms) == x.step  # one pre-clip norm per step, across resumes
+    assert x.grad_norms.tobytes() == y.grad_norms.tobytes()
     assert (x.model, x.vocab, x.data) == (y.model, y.vocab, y.data)
     budget = ("steps", "epochs", "minutes")  # the budget of the last session, not a setting of the run
     assert ({k: v for k, v in x.train.to_dict().items() if k not in budget}
@@ -149,6 +151,24 @@ def test_resume_in_process_equals_one_run(tmp_path):
     assert [e["step"] for e in events if e["event"] == "step"] == list(range(11, 26))
     assert_same_training_state(checkpoint.load(tmp_path / "one" / "latest.npz"),
                                checkpoint.load(tmp_path / "split" / "latest.npz"))
+
+
+def test_training_records_every_pre_clip_gradient_norm(tmp_path):
+    """The checkpoint keeps the norm of every step before clipping; the steps above --clip are
+    exactly the ones counted as clipped, and the step events report the same norms."""
+    mcfg = ModelConfig(cell="rnn", embed=4, hidden=8, layers=1)
+    cfg = TrainConfig(seq_len=8, batch=4, steps=30, eval_every=1000, seed=1, clip=0.5)
+    with compute_threads(1):
+        events = list(train_mod.train(tiny_text(), mcfg, cfg, tmp_path / "run", sample_chars=0))
+    ck = checkpoint.load(tmp_path / "run" / "latest.npz")
+    norms = [e["grad_norm"] for e in events if e["event"] == "step"]
+    assert ck.grad_norms.dtype == np.float32 and len(ck.grad_norms) == 30
+    np.testing.assert_allclose(ck.grad_norms, norms, rtol=1e-6)
+    assert ck.counters["clipped"] == sum(n > 0.5 for n in norms)
+    assert 0 < ck.counters["clipped"] < 30  # the threshold sits inside the range seen, so both kinds occur
+    done = events[-1]
+    assert done["clipped_fraction"] == ck.counters["clipped"] / 30
+    assert done["grad_norm_median"] == pytest.approx(float(np.median(ck.grad_norms)))
 
 
 @pytest.mark.parametrize("flag, value, needle", [
