@@ -59,10 +59,10 @@ def _limit_threads(threads: Optional[int]):
 
 def _load_model(model: Optional[str]):
     from . import checkpoint
-    from .model import Model
+    from .model import build_model
     path = checkpoint.resolve(model, MODELS_DIR)
     ck = checkpoint.load(path)
-    return ck, Model(ck.model, ck.params)
+    return ck, build_model(ck.model, ck.params)
 
 
 def _run_dir_name(corpus_name: str, cell: str) -> Path:
@@ -107,7 +107,8 @@ def train(
         help="UTF-8 text file to learn from ('-' reads standard input). Without it, the English "
              "documentation text shipped with every CPython (pydoc_data.topics, ~460 KB).",
         show_default=False)] = None,
-    cell: Annotated[str, typer.Option(help="Recurrent cell: rnn, gru or lstm.")] = "lstm",
+    cell: Annotated[str, typer.Option(help="Recurrent cell: rnn, gru, lstm, or esn (an Echo State Network: a fixed "
+                                           "random reservoir, only the readout is trained).")] = "lstm",
     hidden: Annotated[int, typer.Option(help="Hidden units per layer.")] = 256,
     layers: Annotated[int, typer.Option(help="Number of stacked recurrent layers.")] = 2,
     embed: Annotated[int, typer.Option(help="Size of the input embedding.")] = 64,
@@ -117,6 +118,18 @@ def train(
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
     clip: Annotated[float, typer.Option(help="Clip the global gradient norm to this value; 0 turns clipping off.")] = 5.0,
     dropout: Annotated[float, typer.Option(help="Dropout between stacked layers, in [0, 1).")] = 0.0,
+    units: Annotated[int, typer.Option(help="ESN: reservoir units.", rich_help_panel="Echo State Network (--cell esn)")] = 1000,
+    leak: Annotated[float, typer.Option(help="ESN: leak rate a in (0, 1]: h = (1-a) h + a tanh(...).",
+                                        rich_help_panel="Echo State Network (--cell esn)")] = 1.0,
+    sr: Annotated[float, typer.Option(help="ESN: spectral radius the recurrent matrix is scaled to.",
+                                      rich_help_panel="Echo State Network (--cell esn)")] = 0.9,
+    connectivity: Annotated[float, typer.Option(help="ESN: share of non-zero recurrent weights. Default (0): 0.1, "
+                                                     "or 100/units past 1,000 units.",
+                                                rich_help_panel="Echo State Network (--cell esn)")] = 0.0,
+    input_scaling: Annotated[float, typer.Option("--input-scaling", help="ESN: input weights drawn from U(-s, s).",
+                                                 rich_help_panel="Echo State Network (--cell esn)")] = 1.0,
+    bias_scaling: Annotated[float, typer.Option("--bias-scaling", help="ESN: reservoir bias drawn from U(-s, s).",
+                                                rich_help_panel="Echo State Network (--cell esn)")] = 0.0,
     steps: Annotated[Optional[int], typer.Option(help="Stop after this many updates.", show_default=False)] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the text.", show_default=False)] = None,
     minutes: Annotated[Optional[float], typer.Option(
@@ -213,7 +226,18 @@ def train(
         else:
             source = val_source = None
             corpus_name = resume_ck.corpus
-        mcfg = ModelConfig(cell=cell, embed=embed, hidden=hidden, layers=layers, dropout=dropout)
+        if cell == "esn":
+            given = sorted(f"--{p}" for p in ("hidden", "layers", "embed", "dropout") if p in explicit)
+            if given:
+                fail(f"{', '.join(given)} do not apply to --cell esn (one reservoir, no embedding); "
+                     f"set its size with --units")
+            mcfg = ModelConfig(cell="esn", embed=1, hidden=units, layers=1, leak=leak, sr=sr,
+                               connectivity=connectivity, input_scaling=input_scaling, bias_scaling=bias_scaling)
+        else:
+            given = sorted(f"--{p.replace('_', '-')}" for p in _ESN_FLAGS if p in explicit)
+            if given:
+                fail(f"{', '.join(given)} apply only to --cell esn")
+            mcfg = ModelConfig(cell=cell, embed=embed, hidden=hidden, layers=layers, dropout=dropout)
         tcfg = TrainConfig(seq_len=seq_len, batch=batch, lr=lr, optimizer=optimizer, clip=clip,
                            steps=steps or 0, epochs=epochs or 0.0, minutes=(minutes or 0.0) if budget_given else 3.0,
                            val_frac=val_frac, eval_every=eval_every, seed=seed, level=level, lower=lower,
@@ -244,7 +268,8 @@ def train(
         fail(str(e))
 
 
-_MODEL_FLAGS = ["cell", "hidden", "layers", "embed", "dropout"]
+_ESN_FLAGS = ["units", "leak", "sr", "connectivity", "input_scaling", "bias_scaling"]
+_MODEL_FLAGS = ["cell", "hidden", "layers", "embed", "dropout"] + _ESN_FLAGS
 _DATA_FLAGS = ["seq_len", "batch", "level", "lower", "min_count", "max_vocab", "val_frac", "optimizer", "seed"]
 _RUN_FLAGS = ["lr", "clip", "eval_every"]  # continued exactly by --resume, free with --init-from
 
@@ -272,6 +297,8 @@ def _refuse_contradictions(ctx, explicit: set, ck, flag: str) -> None:
     """A flag given on the command line that disagrees with the checkpoint is an error."""
     have = {**ck.model.to_dict(), **(ck.train.to_dict() if ck.train else {}),
             "level": ck.vocab.level, "lower": ck.vocab.lower}
+    if ck.model.cell == "esn":
+        have["units"] = ck.model.hidden
     for name in sorted(explicit):
         if name in have and have[name] != ctx.params[name]:
             opt = "--" + name.replace("_", "-")

@@ -5,8 +5,8 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import CharlmError
 
-CELLS = ("rnn", "gru", "lstm")
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+CELLS = ("rnn", "gru", "lstm", "esn")
+GATES = {"rnn": 1, "gru": 3, "lstm": 4, "esn": 1}
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -33,6 +33,12 @@ class ModelConfig:
     hidden: int = 256
     layers: int = 2
     dropout: float = 0.0
+    # Echo State Network only (cell "esn"; hidden = the reservoir's units; see charlm.esn)
+    leak: float = 1.0           # leak rate a: h_t = (1 - a) h_{t-1} + a tanh(...)
+    sr: float = 0.9             # spectral radius W is rescaled to
+    connectivity: float = 0.0   # share of non-zeros in W; 0: 0.1, or 100/units past 1,000 units
+    input_scaling: float = 1.0  # input weights drawn from U(-s, s)
+    bias_scaling: float = 0.0   # reservoir bias drawn from U(-s, s)
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -43,6 +49,21 @@ class ModelConfig:
             raise CharlmError(f"vocab_size must be a whole number, got {self.vocab_size!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise CharlmError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.cell == "esn":
+            if self.layers != 1:
+                raise CharlmError(f"--cell esn has a single reservoir; drop --layers (got {self.layers})")
+            if self.dropout:
+                raise CharlmError("--dropout does not apply to --cell esn (its reservoir is not trained)")
+            if not 0.0 < self.leak <= 1.0:
+                raise CharlmError(f"--leak must be in (0, 1], got {self.leak}")
+            if not 0.0 < self.sr < 1e3:
+                raise CharlmError(f"--sr must be positive, got {self.sr}")
+            if not 0.0 <= self.connectivity <= 1.0:
+                raise CharlmError(f"--connectivity must be in (0, 1] (or 0 for the default), got {self.connectivity}")
+            if not 0.0 < self.input_scaling < 1e6:
+                raise CharlmError(f"--input-scaling must be positive, got {self.input_scaling}")
+            if not 0.0 <= self.bias_scaling < 1e6:
+                raise CharlmError(f"--bias-scaling must be 0 or positive, got {self.bias_scaling}")
 
     @property
     def gates(self) -> int:

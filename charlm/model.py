@@ -96,6 +96,9 @@ def init_params(cfg: ModelConfig, rng: np.random.Generator, dtype=np.float32) ->
 
 def check_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
     """Every expected array present, with the right shape, one float dtype, finite."""
+    if cfg.cell == "esn":
+        from .esn import check_params as check_esn
+        return check_esn(cfg, params)
     shapes = param_shapes(cfg)
     missing = [n for n in shapes if n not in params]
     if missing:
@@ -106,6 +109,22 @@ def check_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
     for n, s in shapes.items():
         if params[n].shape != s:
             raise CharlmError(f"parameter {n} has shape {params[n].shape}, expected {s}")
+
+
+def build_model(cfg: ModelConfig, params: dict[str, np.ndarray]):
+    """The model a configuration describes, over the given parameters: Model, or EsnModel for cell esn."""
+    if cfg.cell == "esn":
+        from .esn import EsnModel
+        return EsnModel(cfg, params)
+    return Model(cfg, params)
+
+
+def create_model(cfg: ModelConfig, seed: int = 0, dtype=np.float32):
+    """A freshly initialised model of cfg (see build_model)."""
+    if cfg.cell == "esn":
+        from .esn import EsnModel
+        return EsnModel.create(cfg, seed, dtype)
+    return Model.create(cfg, seed, dtype)
 
 
 @dataclass
@@ -153,6 +172,11 @@ class Model:
     @classmethod
     def create(cls, cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> "Model":
         return cls(cfg, init_params(cfg, np.random.default_rng(seed), dtype))
+
+    @property
+    def trainable(self) -> dict[str, np.ndarray]:
+        """The parameters the optimizer updates: all of them (an ESN's reservoir is not)."""
+        return self.params
 
     def zero_state(self, N: int) -> State:
         L, H = self.cfg.layers, self.cfg.hidden

@@ -11,7 +11,28 @@ from .kernels.sample import CELL_CODES, pack, stack_sample
 from .model import Model
 
 
-def generate(model: Model, vocab: Vocab, length: int, *, temperature: float = 0.8, prime: str = "",
+def _stack_sampler(model: Model):
+    packed = pack(model.params, model.cfg.layers)
+    code = CELL_CODES[model.cfg.cell]
+
+    def step(out, hs, cs, feed, u, temperature, top_k, greedy):
+        stack_sample(out, hs, cs, feed, u, code, *packed, temperature, top_k, greedy)
+    return step
+
+
+def _esn_sampler(model):
+    from .kernels.esn import esn_sample
+    p = model.params
+    WoutT = np.ascontiguousarray(p["decoder.weight"].T)
+    arrays = (p["reservoir.input_weight"], p["reservoir.bias"], p["reservoir.W_data"], p["reservoir.W_indices"],
+              p["reservoir.W_indptr"], float(model.cfg.leak), WoutT, p["decoder.bias"])
+
+    def step(out, hs, cs, feed, u, temperature, top_k, greedy):
+        esn_sample(out, hs[0, 0], feed, u, *arrays, temperature, top_k, greedy)
+    return step
+
+
+def generate(model, vocab: Vocab, length: int, *, temperature: float = 0.8, prime: str = "",
              seed: int | None = None, top_k: int = 0, greedy: bool = False,
              chunk: int = 64) -> Iterator[str]:
     """Yield the generated text in chunks (the prime text is not repeated).
@@ -29,7 +50,7 @@ def generate(model: Model, vocab: Vocab, length: int, *, temperature: float = 0.
     if top_k < 0:
         raise CharlmError(f"--top-k must be 0 (off) or positive, got {top_k}")
     cfg = model.cfg
-    packed = pack(model.params, cfg.layers)
+    step = _esn_sampler(model) if cfg.cell == "esn" else _stack_sampler(model)
     rng = np.random.default_rng(seed)
     hs = np.zeros((cfg.layers, 1, cfg.hidden), model.dtype)
     cs = np.zeros_like(hs)
@@ -42,8 +63,7 @@ def generate(model: Model, vocab: Vocab, length: int, *, temperature: float = 0.
         k = min(chunk, length - done)
         out = np.empty(k, dtype=np.int32)
         u = rng.random(k)
-        stack_sample(out, hs, cs, feed, u, CELL_CODES[cfg.cell], *packed,
-                     float(temperature if not greedy else 1.0), int(top_k), bool(greedy))
+        step(out, hs, cs, feed, u, float(temperature if not greedy else 1.0), int(top_k), bool(greedy))
         done += k
         feed = out[-1:].copy()
         if vocab.level == "word":

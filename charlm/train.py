@@ -27,7 +27,7 @@ from .config import ModelConfig, TrainConfig
 from .data import (TOKENS_FILE, VAL_TOKENS_FILE, Batches, Vocab, eval_windows, file_digest, open_tokens,
                    scan_vocab, split_train_val, write_tokens)
 from .errors import CharlmError
-from .model import Model
+from .model import Model, build_model, create_model
 from .optim import clip_scale, grad_norm, make_optimizer
 from .score import safe_exp
 
@@ -35,7 +35,7 @@ LN2 = math.log(2.0)
 MAX_NONFINITE = 5
 
 
-def evaluate(model: Model, ids: np.ndarray, seq_len: int, streams: int) -> float:
+def evaluate(model, ids: np.ndarray, seq_len: int, streams: int) -> float:
     """Mean cross-entropy (nats per token) over ids, `streams` parts side by side."""
     total = 0.0
     count = 0
@@ -49,7 +49,7 @@ def evaluate(model: Model, ids: np.ndarray, seq_len: int, streams: int) -> float
     return total / count if count else float("nan")
 
 
-def _warm_up(model: Model, batches: Batches, with_sampler: bool, vocab: Vocab) -> None:
+def _warm_up(model, batches: Batches, with_sampler: bool, vocab: Vocab) -> None:
     """Call every kernel training uses once on a tiny window so Numba compiles
     (or loads from its cache) before the clock starts."""
     x, y = batches.window(0)
@@ -58,8 +58,8 @@ def _warm_up(model: Model, batches: Batches, with_sampler: bool, vocab: Vocab) -
     rng = np.random.default_rng(0)
     model.loss_and_grads(x, y, model.zero_state(1), grads, rng)
     model.loss(x, y, model.zero_state(1))
-    opt = make_optimizer("adam", {k: v.copy() for k, v in model.params.items()})
-    opt.step({k: v.copy() for k, v in model.params.items()}, grads, 1e-3, 1.0)
+    opt = make_optimizer("adam", {k: v.copy() for k, v in model.trainable.items()})
+    opt.step({k: v.copy() for k, v in model.trainable.items()}, grads, 1e-3, 1.0)
     grad_norm(grads)
     if with_sampler:
         from .sample import generate
@@ -242,12 +242,13 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
         yield {"event": "note", "message": "the corpus is too short to hold out a validation set; reporting training loss only"}
 
     if resume is not None:
-        model = Model(mcfg, {k: np.array(v) for k, v in resume.params.items()})
+        model = build_model(mcfg, {k: np.array(v) for k, v in resume.params.items()})
     elif init_from is not None:
-        model = Model(mcfg, {k: np.array(v, dtype=np.float32) for k, v in init_from.params.items()})
+        model = build_model(mcfg, {k: np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype)
+                                   for k, v in init_from.params.items()})
     else:
-        model = Model.create(mcfg, seed=train_cfg.seed)
-    opt = make_optimizer(train_cfg.optimizer, model.params)
+        model = create_model(mcfg, seed=train_cfg.seed)
+    opt = make_optimizer(train_cfg.optimizer, model.trainable)
     grads = model.zero_grads()
     rng = np.random.default_rng(train_cfg.seed)
     run = _Run(lr=train_cfg.lr)
@@ -275,7 +276,7 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
     budget = train_cfg.steps or (int(math.ceil(train_cfg.epochs * wpe)) if train_cfg.epochs else 0)
     total_steps = first_step + budget if budget else 0
     deadline = train_cfg.minutes * 60.0 if train_cfg.minutes else 0.0
-    n_params = sum(p.size for p in model.params.values())
+    n_params = sum(p.size for p in model.trainable.values())
     yield {"event": "start", "run_dir": str(run_dir), "n_train": int(len(train_ids)), "n_val": int(len(val_ids)),
            "vocab_size": len(vocab), "streams": batches.N, "windows_per_epoch": wpe,
            "first_step": first_step, "total_steps": total_steps or None, "deadline_s": deadline or None,
@@ -366,7 +367,7 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
         scale = clip_scale(norm, train_cfg.clip)
         run.clipped += scale < 1.0
         run.grad_norms.append(norm)
-        opt.step(model.params, grads, run.lr, scale)
+        opt.step(model.trainable, grads, run.lr, scale)
         state = new_state
         run.train_seconds += clock() - ts
         run.tokens += x.size
@@ -397,7 +398,7 @@ SNAPSHOT_EVERY = 100
 
 def _snapshot(model: Model, opt, state, step: int = 0) -> dict:
     """In-memory copy of the last good weights and optimizer state."""
-    return {"step": step, "params": {k: v.copy() for k, v in model.params.items()},
+    return {"step": step, "params": {k: v.copy() for k, v in model.trainable.items()},
             "opt": {k: v.copy() for k, v in opt.state_arrays().items()}, "t": opt.t}
 
 

@@ -16,7 +16,8 @@ TRAIN_TINY = ["--steps", "3", "--hidden", "8", "--layers", "1", "--embed", "4", 
               "--batch", "2", "--eval-every", "2", "--sample-length", "10"]
 SCORE_KEYS = {"tokens", "logprob", "log10prob", "bits_per_token", "perplexity", "perplexity_excl_oov", "n_tokens", "oov"}
 EVAL_KEYS = {"event", "step", "train_loss", "val_bpc", "tokens_per_s"}
-DONE_KEYS = {"event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "checkpoint"}
+DONE_KEYS = {"event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "clipped_fraction",
+             "grad_norm_median", "checkpoint"}
 
 
 @pytest.fixture
