@@ -327,9 +327,9 @@ def _render_training(events, as_json: bool, quiet: bool, level: str = "char") ->
                       flush=True)
             elif kind == "nonfinite":
                 print(_dumps({"event": "nonfinite", "step": ev["step"], "lr": ev["lr"]}), flush=True)
-                err.print(f"[yellow]note:[/] step {ev['step']}: non-finite loss: update skipped, learning rate halved to {ev['lr']:g}")
+                err.print(f"[yellow]note:[/] step {ev['step']}: non-finite loss: update skipped, learning rate halved to {ev['lr']:g}", soft_wrap=True)
             elif kind == "note":
-                err.print(f"[yellow]note:[/] {escape(ev['message'])}")
+                err.print(f"[yellow]note:[/] {escape(ev['message'])}", soft_wrap=True)
         return done
 
     progress = Progress(

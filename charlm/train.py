@@ -32,7 +32,8 @@ from .optim import clip_scale, grad_norm, make_optimizer
 from .score import safe_exp
 
 LN2 = math.log(2.0)
-MAX_NONFINITE = 5
+MAX_NONFINITE = 5    # non-finite steps in a row before training stops
+MAX_HALVINGS = 10    # learning-rate halvings in one session before training stops (the rate is then 1/1024 of it)
 
 
 def evaluate(model, ids: np.ndarray, seq_len: int, streams: int) -> float:
@@ -285,6 +286,7 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
     since_eval_loss = 0.0
     since_eval_n = 0
     nonfinite_run = 0
+    halvings = 0
     start = clock()
     best_path = run_dir / ckpt_mod.BEST
     latest_path = run_dir / ckpt_mod.LATEST
@@ -350,14 +352,17 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
         norm = grad_norm(grads)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             nonfinite_run += 1
+            halvings += 1
             run.lr *= 0.5
             state = _restore(snapshot, model, opt, batches.N)
             yield {"event": "nonfinite", "step": run.step, "lr": run.lr, "restored_step": snapshot["step"]}
-            if nonfinite_run >= MAX_NONFINITE:
+            if nonfinite_run >= MAX_NONFINITE or halvings >= MAX_HALVINGS:
                 yield from save(latest_path)
-                raise CharlmError(f"the loss is not finite after {MAX_NONFINITE} tries with a halved learning rate; "
-                                  f"start again with a lower --lr or --clip 5, e.g. charlm train CORPUS --init-from "
-                                  f"{latest_path} --lr {run.lr:g} (the last good weights are in {latest_path})")
+                what = (f"after {MAX_NONFINITE} tries in a row" if nonfinite_run >= MAX_NONFINITE
+                        else f"{MAX_HALVINGS} times (the gradients are exploding)")
+                raise CharlmError(f"the loss was not finite {what}, each time with a halved learning rate; "
+                                  f"start again with a lower --lr or with clipping (--clip 5), e.g. charlm train CORPUS "
+                                  f"--init-from {latest_path} --lr {run.lr:g} (the last good weights are in {latest_path})")
             continue
         nonfinite_run = 0
         if run.step - snapshot["step"] >= SNAPSHOT_EVERY:

@@ -447,7 +447,7 @@ def test_consecutive_nonfinite_steps_on_the_command_line(run_cli, tmp_path, monk
     lines = json_lines(res.stdout)
     assert lines == [{"event": "nonfinite", "step": 2, "lr": 0.004 / 2 ** k} for k in range(1, 6)]
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the loss is not finite after 5 tries") and "--lr" in last and "--clip" in last
+    assert last.startswith("error: the loss was not finite after 5 tries in a row") and "--lr" in last and "--clip" in last
     assert all_finite(checkpoint.load(tmp_path / "run" / "latest.npz"))
 
 
