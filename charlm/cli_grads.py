@@ -94,6 +94,9 @@ def grads_cmd(
         for m in paths:
             path = checkpoint.resolve(m, MODELS_DIR)
             ck = checkpoint.load(path)
+            if ck.model.cell == "esn":
+                fail(f"{path} is an Echo State Network: its reservoir is fixed and no gradient flows through "
+                     f"time in it (only the readout is trained); grads measures rnn, gru and lstm models")
             if text is not None:
                 ids, oov = ck.vocab.encode(text)
                 if oov and ck.vocab.level == "char":

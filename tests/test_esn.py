@@ -268,3 +268,9 @@ def test_help_lists_the_esn_options(run_cli):
     text = ok(run_cli("train", "--help")).stdout
     for opt in ("--units", "--leak", "--sr", "--connectivity", "--input-scaling", "--bias-scaling"):
         assert opt in text
+
+
+def test_grads_refuses_an_esn_with_the_reason(run_cli):
+    ok(run_cli("train", TINY, *ESN_TINY, "--out", "run", "--json"))
+    failed(run_cli("grads", TINY, "--model", "run"), "Echo State Network", "no gradient flows through time")
+    failed(run_cli("grads", TINY, "--cell", "esn"), "--cell")
