@@ -1,4 +1,4 @@
-"""Regenerate the material of docs/grads.md: gradient flow through time in untrained and trained
+"""Regenerate the material of the README section "Vanishing and exploding gradients": gradient flow through time in untrained and trained
 RNN / GRU / LSTM models, and exploding gradients with and without clipping.
 
     python benchmarks/grads_demo.py [--corpus ../shared/corpora/tinyshakespeare/input.txt]
