@@ -73,6 +73,12 @@ def _digest(arrays: dict[str, np.ndarray], meta_bytes: bytes) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save(ckpt: Checkpoint, path: str | os.PathLike) -> None:
     """Write ckpt to path atomically (temporary file + fsync + os.replace)."""
     path = Path(path)
@@ -99,6 +105,7 @@ def save(ckpt: Checkpoint, path: str | os.PathLike) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()

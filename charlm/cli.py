@@ -88,8 +88,9 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt
+        if self.signum:  # the second: stop at once (finally blocks still run), exit 128 + signum
+            err.print(f"interrupted by a second {signal.Signals(signum).name}")
+            raise SystemExit(128 + signum)
         self.signum = signum
 
     def __call__(self) -> bool:

@@ -107,6 +107,17 @@ def test_save_leaves_no_temporary_files(saved):
     assert sorted(os.listdir(path.parent)) == ["latest.npz"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_checkpoint_gets_the_permissions_of_an_ordinary_file(tmp_path, umask):
+    """Not mkstemp's 0600: a checkpoint is shared like any file the user writes (their umask decides)."""
+    old = os.umask(umask)
+    try:
+        checkpoint.save(make_checkpoint(), tmp_path / "a.npz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.npz").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_save_replaces_an_existing_file(saved):
     ck, path = saved
     first = path.read_bytes()
