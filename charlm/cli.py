@@ -484,6 +484,7 @@ def score(
     no_eos: Annotated[bool, typer.Option("--no-eos", help="Leave out the end-of-sentence factor P(<eos> | text) "
                                                           "(the newline for character models).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
 ):
     """Score text by the chain rule: P(W) = prod_k P(w_k | w_1..w_(k-1)), token by token.
 
@@ -509,7 +510,8 @@ def score(
         else:
             fail("give a TEXT to score, '-' for standard input, or --file FILE")
         ck, m = _load_model(model)
-        results = [score_text(m, ck.vocab, t, eos=not no_eos) for t in texts]
+        with _limit_threads(threads):
+            results = [score_text(m, ck.vocab, t, eos=not no_eos) for t in texts]
         total = corpus_total(results)
         if as_json:
             strip = lambda r: {k: v for k, v in r.items() if k not in ("oov_tokens", "oov_logprob")}

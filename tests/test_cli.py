@@ -95,6 +95,9 @@ def test_train_sample_score_chain(run_cli, tmp_path):
     assert r["logprob"] == pytest.approx(math.fsum(t["logprob"] for t in r["tokens"]), rel=1e-9)
     assert r["perplexity"] == pytest.approx(math.exp(-r["logprob"] / r["n_tokens"]), rel=1e-9)
     assert r["log10prob"] == pytest.approx(r["logprob"] / math.log(10), rel=1e-9)
+    one_thread = score_json(run_cli("score", "some text", "--model", "run", "--json", "--threads", "1"))
+    assert one_thread["logprob"] == pytest.approx(r["logprob"], rel=1e-6)  # threads change sums' order only
+    failed(run_cli("score", "some text", "--model", "run", "--threads", "0"), "--threads")
     no_eos = score_json(run_cli("score", "some text", "--model", "run", "--json", "--no-eos"))
     assert no_eos["n_tokens"] == len("some text")
     assert no_eos["tokens"][-1]["token"] == "t"
