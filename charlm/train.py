@@ -124,7 +124,8 @@ def _prepare_tokens(source: Source, val_source: Source | None, cfg: TrainConfig,
     data = {"tokens": TOKENS_FILE, "dtype": ids.dtype.str, "n_tokens": int(len(ids)),
             "sha256": file_digest(run_dir / TOKENS_FILE)}
     if val_source is not None:
-        vals, _ = write_tokens(val_source.pieces(), vocab, run_dir / VAL_TOKENS_FILE)
+        vals, val_oov = write_tokens(val_source.pieces(), vocab, run_dir / VAL_TOKENS_FILE)
+        data["val_oov"] = int(sum(val_oov.values()))
         val_ids = np.concatenate([[vocab.eos_id], vals]).astype(ids.dtype)
         train_ids = ids
         data.update(val_tokens=VAL_TOKENS_FILE, n_val_file=int(len(vals)),
@@ -227,6 +228,10 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
         if oov:
             yield {"event": "note", "message": f"{total} tokens ({len(oov)} distinct) are not in the model's "
                                                f"vocabulary and are {what}: {top}"}
+        if data.get("val_oov"):
+            what = "mapped to <unk>" if vocab.level == "word" else "left out"
+            yield {"event": "note", "message": f"{data['val_oov']} tokens of the validation file are not in the "
+                                               f"vocabulary and are {what}"}
         if init_from is not None:
             mcfg = init_from.model
         else:

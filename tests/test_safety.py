@@ -239,6 +239,16 @@ def test_init_from_fine_tunes_from_the_checkpoint_keeping_its_vocabulary(run_cli
     assert any(not np.array_equal(tuned.params[k], base.params[k]) for k in base.params)  # it trained
 
 
+def test_init_from_reports_unknown_tokens_of_the_validation_file_too(run_cli, tmp_path):
+    ok(run_cli("train", TINY, *SMALL, "--layers", "1", "--steps", "2", "--out", "base"))
+    assert "\u2603" not in checkpoint.load(tmp_path / "base" / "latest.npz").vocab.tokens
+    val = tmp_path / "val.txt"
+    val.write_text("the old \u2603 man \u2603\n", encoding="utf-8")
+    res = ok(run_cli("train", TINY, "--init-from", "base", "--val", val, "--steps", "1", "--out", "tuned",
+                     "--threads", "1", "--json"))
+    assert "2 tokens of the validation file are not in the vocabulary and are left out" in res.stderr
+
+
 def test_init_from_leaves_out_unknown_characters_and_counts_them(run_cli, tmp_path):
     ok(run_cli("train", TINY, *SMALL, "--layers", "1", "--steps", "2", "--out", "base"))
     vocab = checkpoint.load(tmp_path / "base" / "latest.npz").vocab
