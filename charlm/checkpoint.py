@@ -79,25 +79,13 @@ def _umask() -> int:
     return mask
 
 
-def save(ckpt: Checkpoint, path: str | os.PathLike) -> None:
-    """Write ckpt to path atomically (temporary file + fsync + os.replace)."""
+def write_npz(arrays: dict[str, np.ndarray], meta: dict, path: str | os.PathLike, what: str = "checkpoint") -> None:
+    """Write arrays plus meta (JSON, with its checksum added) to path as one .npz, atomically:
+    a temporary file in the same folder, fsynced, os.replace()d over path, the folder fsynced.
+    Any failure leaves the previous file as it was (CharlmError)."""
     path = Path(path)
-    arrays: dict[str, np.ndarray] = {f"param/{n}": a for n, a in ckpt.params.items()}
-    arrays.update({f"opt/{n}": a for n, a in ckpt.opt_arrays.items()})
-    arrays.update({f"state/{n}": a for n, a in ckpt.state.items()})
-    if ckpt.grad_norms is not None:
-        arrays["hist/grad_norm"] = np.asarray(ckpt.grad_norms, dtype=np.float32)
-    meta = {
-        "format": FORMAT, "version": VERSION,
-        "model": ckpt.model.to_dict(),
-        "train": ckpt.train.to_dict() if ckpt.train else None,
-        "vocab": ckpt.vocab.to_dict(),
-        "optimizer": ckpt.optimizer,
-        "step": ckpt.step, "epoch": ckpt.epoch, "window": ckpt.window,
-        "best_val_loss": ckpt.best_val_loss,
-        "rng": ckpt.rng, "history": ckpt.history, "corpus": ckpt.corpus,
-        "data": ckpt.data, "counters": ckpt.counters,
-    }
+    arrays = dict(arrays)
+    meta = dict(meta)
     body = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
     meta["checksum"] = _digest(arrays, body)
     arrays["__meta__"] = np.frombuffer(json.dumps(meta, sort_keys=True, allow_nan=False).encode(), dtype=np.uint8)
@@ -121,13 +109,34 @@ def save(ckpt: Checkpoint, path: str | os.PathLike) -> None:
         except OSError:
             pass
     except OSError as e:
-        raise CharlmError(f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint is unchanged") from None
+        raise CharlmError(f"could not write {what} {path}: {e.strerror or e}; the previous {what} is unchanged") from None
     finally:
         if tmp is not None:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def save(ckpt: Checkpoint, path: str | os.PathLike) -> None:
+    """Write ckpt to path atomically (see write_npz)."""
+    arrays: dict[str, np.ndarray] = {f"param/{n}": a for n, a in ckpt.params.items()}
+    arrays.update({f"opt/{n}": a for n, a in ckpt.opt_arrays.items()})
+    arrays.update({f"state/{n}": a for n, a in ckpt.state.items()})
+    if ckpt.grad_norms is not None:
+        arrays["hist/grad_norm"] = np.asarray(ckpt.grad_norms, dtype=np.float32)
+    meta = {
+        "format": FORMAT, "version": VERSION,
+        "model": ckpt.model.to_dict(),
+        "train": ckpt.train.to_dict() if ckpt.train else None,
+        "vocab": ckpt.vocab.to_dict(),
+        "optimizer": ckpt.optimizer,
+        "step": ckpt.step, "epoch": ckpt.epoch, "window": ckpt.window,
+        "best_val_loss": ckpt.best_val_loss,
+        "rng": ckpt.rng, "history": ckpt.history, "corpus": ckpt.corpus,
+        "data": ckpt.data, "counters": ckpt.counters,
+    }
+    write_npz(arrays, meta, path)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
@@ -145,19 +154,22 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     return removed
 
 
-def load(path: str | os.PathLike) -> Checkpoint:
-    """Read and verify a checkpoint. Never unpickles; any damage is a CharlmError naming the file."""
+def read_npz(path: str | os.PathLike, fmt: str = FORMAT, version: int = VERSION,
+             what: str = "charlm checkpoint") -> tuple[dict[str, np.ndarray], dict, str]:
+    """Read a file write_npz wrote and verify its format, version and checksum; returns
+    (arrays, meta without the checksum, the message prefix for a damaged file). Never
+    unpickles; any damage is a CharlmError naming the file."""
     path = str(path)
-    bad = f"{path} is not a charlm checkpoint, or it is truncated or damaged"
+    bad = f"{path} is not a {what}, or it is truncated or damaged"
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise CharlmError(f"checkpoint not found: {path}") from None
+        raise CharlmError(f"{what.split()[-1]} not found: {path}") from None
     except IsADirectoryError:
-        raise CharlmError(f"{path} is a directory; give a checkpoint file or a run directory") from None
+        raise CharlmError(f"{path} is a directory; give a {what.split()[-1]} file or a run directory") from None
     except OSError as e:
-        raise CharlmError(f"cannot read checkpoint {path}: {e.strerror}") from None
+        raise CharlmError(f"cannot read {what.split()[-1]} {path}: {e.strerror}") from None
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
@@ -171,14 +183,21 @@ def load(path: str | os.PathLike) -> Checkpoint:
         meta = json.loads(arrays.pop("__meta__").tobytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CharlmError(f"{bad} (unreadable metadata)") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise CharlmError(f"{bad} (format is {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != VERSION:
-        raise CharlmError(f"{path} is a charlm checkpoint of format version {meta.get('version')}; "
-                          f"this charlm reads version {VERSION}: use the charlm release that wrote it")
+    if meta.get("version") != version:
+        raise CharlmError(f"{path} is a {what} of format version {meta.get('version')}; "
+                          f"this charlm reads version {version}: use the charlm release that wrote it")
     checksum = meta.pop("checksum", None)
     if checksum != _digest(arrays, json.dumps(meta, sort_keys=True, allow_nan=False).encode()):
-        raise CharlmError(f"{path} fails its checksum: the file is damaged; use another checkpoint")
+        raise CharlmError(f"{path} fails its checksum: the file is damaged; use another {what.split()[-1]}")
+    return arrays, meta, bad
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Read and verify a checkpoint. Never unpickles; any damage is a CharlmError naming the file."""
+    path = str(path)
+    arrays, meta, bad = read_npz(path)
     try:
         ckpt = Checkpoint(
             model=ModelConfig.from_dict(meta["model"]),
