@@ -129,7 +129,7 @@ class _Workspace:
         self.u = np.zeros((T, N, H), dtype)
         self.hs = np.zeros((T + 1, N, H), dtype)
         self.logits = np.zeros((T * N, V), dtype)
-        self.dtop = np.zeros((T * N, H), dtype)
+        self.no_dx = np.zeros((0, 0), dtype)  # the readout's input gradient is not needed
 
 
 class EsnModel:
@@ -224,7 +224,6 @@ class EsnModel:
         common.softmax_xent_backward(ws.logits, ws.logits, targets, 1.0 / M, parts)
         for g in grads.values():
             g.fill(0)
-        ws.dtop.fill(0)
-        common.linear_backward(ws.dtop, grads["decoder.weight"], grads["decoder.bias"], ws.logits,
+        common.linear_backward(ws.no_dx, grads["decoder.weight"], grads["decoder.bias"], ws.logits,
                                ws.hs[1:].reshape(M, H), p["decoder.weight"], parts)
         return float(total) / M, self._final_state(ws)
