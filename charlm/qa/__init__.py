@@ -1,0 +1,1 @@
+"""Question answering with an end-to-end memory network: babi (parser), model, checkpoint, train."""

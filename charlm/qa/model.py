@@ -1,0 +1,467 @@
+"""End-to-end memory network (MemN2N, Sukhbaatar et al. 2015) with selectable sentence encoders.
+
+Dimensions: N questions in a batch, M memory slots, J words per sentence (padded),
+d embedding, K hops, V words, A answer classes, S = N*M sentences, H GRU hidden.
+
+Parameters (adjacent weight tying: hop k reads with A_k = emb{k-1}, writes with
+C_k = emb{k}, the question uses B = emb0):
+
+    emb{k}   (V, d)   word embeddings, k = 0..K; row 0 (the padding word) is fixed at 0
+    time{k}  (Mmax, d) temporal encoding by sentence age (0 = the newest), k = 0..K
+    W, Wm    (A, d)   answer selection (free part) and the match term, one row per answer class
+    gru{k}f.* / gru{k}b.*   (gru, bigru) forward / backward GRU per embedding k:
+             Wih (3H, d), Whh (3H, H), bih, bhh (3H,), gate order [r, z, n]
+
+Sentence encoders, a sentence x_1..x_L -> R^d from embedding E:
+
+    bow    sum_j E[x_j]
+    pe     sum_j l_j * E[x_j],  l_kj = (1 - j/L) - (k/d)(1 - 2j/L)    (position encoding)
+    gru    pe + the last state of a GRU (H = d) run over E[x_1..x_L]
+    bigru  pe + [forward GRU state after x_L ; backward GRU state after x_1]  (H = d/2 each),
+           the backward GRU reading the sentence reversed within its own length
+
+The GRUs are charlm's Numba kernels (charlm.kernels.gru); the PE term is a residual
+path beside them. Memories add the temporal vector of their age: m_i = enc_{k}(s_i) + time{k}[age_i].
+
+Story selection (hop k = 1..K), u_1 = enc_0(question):
+
+    score_i = u_k . m_i^A          p = softmax(score) over the story's memories
+                                   (linear start: p = score, no softmax)
+    o_k = sum_i p_i m_i^C          u_{k+1} = u_k + o_k
+
+Answer selection over the A answer classes (answer strings seen in training; "n,w" is one class):
+
+    logits = (W + P emb{K}) u_{K+1}  +  Wm (u_1 * o_K)       P (A, V): the words of each answer
+
+P emb{K} ties each answer to the embedding of its words (the paper's W^T = C_K, summed
+over the words of a multi-word answer); the match term Wm (u_1 * o_K), the elementwise
+product of the question and the last read memory, lets a linear read-out compare them
+(yes/no questions); QAConfig.match turns it off. Loss: mean cross-entropy of the answer;
+with fact supervision, plus the mean cross-entropy of softmax(score) at hop k towards the
+k-th supporting fact (hops past the last fact are left free).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import CharlmError
+from ..kernels.common import embedding_backward
+from ..kernels.gru import gru_backward, gru_forward
+
+ENCODERS = ("bow", "pe", "gru", "bigru")
+NEG = -1e30  # score of an empty memory slot before the softmax
+
+
+@dataclass(frozen=True)
+class QAConfig:
+    encoder: str = "pe"
+    dim: int = 20
+    hops: int = 3
+    memory_size: int = 50
+    vocab_size: int = 1
+    n_answers: int = 1
+    match: bool = True      # answer selection also reads question * last read memory (elementwise)
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise CharlmError(f"--encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        if self.dim < 2:
+            raise CharlmError(f"--dim must be at least 2, got {self.dim}")
+        if self.encoder == "bigru" and self.dim % 2:
+            raise CharlmError(f"--encoder bigru needs an even --dim (two GRUs of dim/2), got {self.dim}")
+        if self.hops < 1:
+            raise CharlmError(f"--hops must be at least 1, got {self.hops}")
+        if self.memory_size < 1:
+            raise CharlmError(f"--memory-size must be at least 1, got {self.memory_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QAConfig":
+        return cls(**{k: d[k] for k in ("encoder", "dim", "hops", "memory_size", "vocab_size", "n_answers",
+                                        "match")})
+
+    @property
+    def gru_hidden(self) -> int:
+        return self.dim if self.encoder == "gru" else self.dim // 2
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return {"gru": ("f",), "bigru": ("f", "b")}.get(self.encoder, ())
+
+
+def param_shapes(cfg: QAConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every parameter, in a fixed order (the one source of truth)."""
+    V, d, M, A, H = cfg.vocab_size, cfg.dim, cfg.memory_size, cfg.n_answers, cfg.gru_hidden
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in range(cfg.hops + 1):
+        shapes[f"emb{k}"] = (V, d)
+        shapes[f"time{k}"] = (M, d)
+        for r in cfg.directions:
+            shapes[f"gru{k}{r}.Wih"] = (3 * H, d)
+            shapes[f"gru{k}{r}.Whh"] = (3 * H, H)
+            shapes[f"gru{k}{r}.bih"] = (3 * H,)
+            shapes[f"gru{k}{r}.bhh"] = (3 * H,)
+    shapes["W"] = (A, d)
+    if cfg.match:
+        shapes["Wm"] = (A, d)
+    return shapes
+
+
+def init_params(cfg: QAConfig, rng: np.random.Generator, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Embeddings, temporal vectors and W ~ N(0, 0.1^2); GRU weights ~ U(-1/sqrt(H), 1/sqrt(H))."""
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.startswith("gru"):
+            a = 1.0 / np.sqrt(cfg.gru_hidden)
+            p = rng.uniform(-a, a, shape)
+        else:
+            p = 0.1 * rng.standard_normal(shape)
+        params[name] = np.ascontiguousarray(p, dtype=dtype)
+    for k in range(cfg.hops + 1):
+        params[f"emb{k}"][0] = 0.0
+    return params
+
+
+def check_params(cfg: QAConfig, params: dict[str, np.ndarray]) -> None:
+    shapes = param_shapes(cfg)
+    if set(shapes) != set(params):
+        missing = sorted(set(shapes) - set(params))
+        extra = sorted(set(params) - set(shapes))
+        raise CharlmError(f"parameters do not match the configuration (missing {missing[:3]}, unexpected {extra[:3]})")
+    dtypes = {p.dtype for p in params.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float64):
+        raise CharlmError(f"parameters must all be float32 or all float64, got {sorted(map(str, dtypes))}")
+    for n, s in shapes.items():
+        if params[n].shape != s:
+            raise CharlmError(f"parameter {n} has shape {params[n].shape}, expected {s}")
+
+
+# ------------------------------------------------------------------ data as arrays
+@dataclass
+class Encoded:
+    """Questions as padded index arrays. Q questions, M slots (oldest first, the valid
+    ones 0..n_mem-1), J words per sentence, Jq per question, F supporting facts."""
+    mem: np.ndarray       # (Q, M, J) word ids, 0 = padding
+    mem_len: np.ndarray   # (Q, M) words per memory
+    n_mem: np.ndarray     # (Q,) memories in use
+    q: np.ndarray         # (Q, Jq) question word ids
+    q_len: np.ndarray     # (Q,)
+    ans: np.ndarray       # (Q,) answer class, -1 when the answer is not a known class
+    sup: np.ndarray       # (Q, F) supporting facts as slots, in the task's order; -1 none / forgotten
+    n_sup: np.ndarray     # (Q,) supporting facts given
+    ans_words: np.ndarray  # (A, V) how often each word occurs in each answer class
+    unknown_words: int = 0
+
+    def __len__(self):
+        return self.ans.shape[0]
+
+
+def encode(questions, vocab: list[str], answers: list[str], memory_size: int) -> Encoded:
+    """Index arrays for questions (charlm.qa.babi.Question). Words outside vocab become
+    padding (counted in unknown_words); each question keeps its memory_size newest statements."""
+    widx = {w: i for i, w in enumerate(vocab)}
+    aidx = {a: i for i, a in enumerate(answers)}
+    Q = len(questions)
+    M = max(1, min(memory_size, max(len(q.story) for q in questions)))
+    J = max(1, max(len(s) for q in questions for s in q.story[-M:]))
+    Jq = max(len(q.question) for q in questions)
+    F = max(1, max(len(q.support) for q in questions))
+    e = Encoded(mem=np.zeros((Q, M, J), np.int32), mem_len=np.zeros((Q, M), np.int32),
+                n_mem=np.zeros(Q, np.int32), q=np.zeros((Q, Jq), np.int32), q_len=np.zeros(Q, np.int32),
+                ans=np.full(Q, -1, np.int32), sup=np.full((Q, F), -1, np.int32), n_sup=np.zeros(Q, np.int32),
+                ans_words=answer_word_matrix(vocab, answers))
+    unknown = 0
+    for i, qu in enumerate(questions):
+        story = qu.story[-M:]
+        first = len(qu.story) - len(story)
+        e.n_mem[i] = len(story)
+        for m, sent in enumerate(story):
+            ids = [widx.get(w, 0) for w in sent]
+            unknown += ids.count(0)
+            e.mem[i, m, :len(ids)] = ids
+            e.mem_len[i, m] = len(ids)
+        ids = [widx.get(w, 0) for w in qu.question]
+        unknown += ids.count(0)
+        e.q[i, :len(ids)] = ids
+        e.q_len[i] = len(ids)
+        e.ans[i] = aidx.get(qu.answer, -1)
+        e.n_sup[i] = len(qu.support)
+        for f, s in enumerate(qu.support):
+            e.sup[i, f] = s - first if s >= first else -1
+    e.unknown_words = unknown
+    return e
+
+
+def answer_word_matrix(vocab: list[str], answers: list[str]) -> np.ndarray:
+    """(A, V) counts of the words of each answer class ('n,w' -> n and w); words outside vocab are left out."""
+    from .babi import answer_words
+    widx = {w: i for i, w in enumerate(vocab)}
+    P = np.zeros((len(answers), len(vocab)))
+    for a, ans in enumerate(answers):
+        for w in answer_words(ans):
+            if w in widx:
+                P[a, widx[w]] += 1.0
+    return P
+
+
+def make_batch(e: Encoded, idx: np.ndarray, hops: int, memory_size: int,
+               rng: np.random.Generator | None = None, noise: float = 0.0) -> dict:
+    """The arrays of questions idx, trimmed to the longest story and sentence in them.
+
+    age (N, M): 0 for the newest memory. With noise > 0 (training: random noise),
+    an empty memory is inserted after each memory with probability `noise`, so
+    later ages grow by one each (capped at memory_size - 1).
+    target (N, K): the slot hop k should attend to (fact supervision): the k-th supporting
+    fact in the task's order; -1 (unsupervised) for hops past the last fact or a fact that
+    fell out of the memory window.
+    """
+    n_mem = e.n_mem[idx]
+    M = int(n_mem.max())
+    mem_len = e.mem_len[idx, :M]
+    J = max(1, int(mem_len.max()))
+    Jq = max(1, int(e.q_len[idx].max()))
+    slot = np.arange(M)[None, :]
+    mask = slot < n_mem[:, None]                                # (N, M)
+    age = (n_mem[:, None] - 1 - slot)
+    if noise > 0 and rng is not None:
+        ins = (rng.random(mask.shape) < noise) & mask
+        newer = np.cumsum(ins[:, ::-1], axis=1)[:, ::-1] - ins   # inserted among newer memories
+        age = age + newer
+    age = np.clip(np.where(mask, age, 0), 0, memory_size - 1).astype(np.int64)
+    nsup = e.n_sup[idx]
+    k = np.arange(hops)[None, :]
+    pick = np.minimum(k, np.maximum(nsup[:, None] - 1, 0))      # hop k -> fact k
+    target = np.take_along_axis(e.sup[idx], pick, axis=1)
+    target = np.where(k < nsup[:, None], target, -1)           # hops past the last fact: free
+    return dict(mem=np.ascontiguousarray(e.mem[idx, :M, :J]), mem_len=np.ascontiguousarray(mem_len),
+                mask=mask, age=age, q=np.ascontiguousarray(e.q[idx, :Jq]), q_len=e.q_len[idx].copy(),
+                ans=e.ans[idx].copy(), target=np.ascontiguousarray(target), ans_words=e.ans_words)
+
+
+# ------------------------------------------------------------------ sentence encoders
+def word_weights(lens: np.ndarray, J: int, d: int, encoder: str, dtype) -> np.ndarray:
+    """Per-word weights (S, J, d) for the bag: position encoding, or ones for bow
+    ((S, J, 1)); zero past each sentence's length."""
+    j = np.arange(1, J + 1, dtype=np.float64)[None, :, None]
+    L = np.maximum(lens, 1).astype(np.float64)[:, None, None]
+    valid = j <= lens[:, None, None]
+    if encoder == "bow":
+        return valid.astype(dtype)
+    kd = np.arange(1, d + 1, dtype=np.float64)[None, None, :] / d
+    w = (1.0 - j / L) - kd * (1.0 - 2.0 * j / L)
+    return (w * valid).astype(dtype)
+
+
+def reverse_ids(ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Each row of ids (S, J) reversed within its own length; padding stays at the end."""
+    J = ids.shape[1]
+    t = np.arange(J)[None, :]
+    src = lens[:, None] - 1 - t                             # (S, J)
+    ok = src >= 0
+    out = np.take_along_axis(ids, np.where(ok, src, 0), axis=1)
+    return np.where(ok, out, 0).astype(ids.dtype)
+
+
+def _gru_run(params, prefix, xt):
+    """GRU over xt (J, S, d) from h0 = 0; returns hs (J+1, S, H), acts."""
+    Wih = params[prefix + ".Wih"]
+    J, S, _ = xt.shape
+    H = Wih.shape[0] // 3
+    hs = np.zeros((J + 1, S, H), xt.dtype)
+    acts = np.empty((J, S, 4 * H), xt.dtype)
+    cs = np.zeros((1, 1, 1), xt.dtype)
+    gru_forward(hs, cs, acts, xt, Wih, params[prefix + ".Whh"], params[prefix + ".bih"],
+                params[prefix + ".bhh"], 1)
+    return hs, acts
+
+
+def encoder_forward(params, cfg: QAConfig, k: int, ids: np.ndarray, lens: np.ndarray, w: np.ndarray):
+    """Encode sentences ids (S, J) with lengths lens (S,) through embedding k; w the word
+    weights (word_weights). Returns out (S, d) and the cache for encoder_backward."""
+    E = params[f"emb{k}"]
+    x = E[ids]                                              # (S, J, d)
+    out = (x * w).sum(1)                                    # (S, d) the weighted bag
+    cache = {"ids": ids, "lens": lens, "w": w, "runs": []}
+    if cfg.directions:
+        S = ids.shape[0]
+        rows = np.arange(S)
+        H = cfg.gru_hidden
+        for r, col in zip(cfg.directions, range(0, cfg.dim, H)):
+            rid = ids if r == "f" else reverse_ids(ids, lens)
+            xt = np.ascontiguousarray(E[rid].transpose(1, 0, 2))   # (J, S, d)
+            hs, acts = _gru_run(params, f"gru{k}{r}", xt)
+            out[:, col:col + H] += hs[lens, rows]          # state after each sentence's last word
+            cache["runs"].append((r, col, rid, xt, hs, acts))
+    return out, cache
+
+
+def encoder_backward(grads, params, cfg: QAConfig, k: int, dout: np.ndarray, cache) -> None:
+    """ADDS the gradients of encoder_forward's out (dout (S, d)) into grads[emb{k}] and the GRUs'."""
+    ids, lens, w = cache["ids"], cache["lens"], cache["w"]
+    S, J = ids.shape
+    d = dout.shape[1]
+    dE = grads[f"emb{k}"]
+    embedding_backward(dE, np.ascontiguousarray((dout[:, None, :] * w).reshape(S * J, d)), ids.reshape(-1))
+    H = cfg.gru_hidden
+    has = lens > 0
+    rows = np.arange(S)[has]
+    for r, col, rid, xt, hs, acts in cache["runs"]:
+        p = f"gru{k}{r}"
+        dhs = np.zeros((J, S, H), dout.dtype)
+        dhs[lens[has] - 1, rows] = dout[has, col:col + H]
+        dx = np.zeros_like(xt)
+        dh0 = np.zeros((S, H), dout.dtype)
+        dacts = np.empty((J, S, 3 * H), dout.dtype)
+        dacts_h = np.empty((J, S, 3 * H), dout.dtype)
+        gru_backward(dx, grads[p + ".Wih"], grads[p + ".Whh"], grads[p + ".bih"], grads[p + ".bhh"], dh0,
+                     dh0, dacts, dacts_h, dhs, hs, np.zeros((1, 1, 1), dout.dtype), acts, xt,
+                     params[p + ".Wih"], params[p + ".Whh"], 1)
+        embedding_backward(dE, np.ascontiguousarray(dx.transpose(1, 0, 2)).reshape(S * J, d), rid.reshape(-1))
+
+
+# ------------------------------------------------------------------ attention and answer layers
+def masked_softmax(s: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Softmax of s (N, M) over the True entries of mask in each row; 0 elsewhere."""
+    z = np.where(mask, s, NEG)
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z) * mask
+    return e / e.sum(1, keepdims=True)
+
+
+def hop_forward(u, m, c, mask, linear: bool):
+    """One read of memory. u (N, d) controller; m, c (N, M, d) input / output memories.
+    Returns p (N, M) attention, scores (N, M) and the new controller u + o (N, d)."""
+    s = np.einsum("nmd,nd->nm", m, u)
+    p = s * mask if linear else masked_softmax(s, mask)
+    o = np.einsum("nm,nmd->nd", p, c)
+    return p, s, u + o
+
+
+def hop_backward(du_next, u, m, c, p, mask, linear: bool, dscore_extra=None, do_extra=None):
+    """Gradients of hop_forward given du_next = dL/d(u + o) (N, d); dscore_extra (N, M) is
+    added to dL/dscores (fact supervision), do_extra (N, d) to dL/do (the match term).
+    Returns du, dm, dc."""
+    do = du_next if do_extra is None else du_next + do_extra
+    dp = np.einsum("nd,nmd->nm", do, c)
+    dc = p[:, :, None] * do[:, None, :]
+    if linear:
+        ds = dp * mask
+    else:
+        ds = p * (dp - (p * dp).sum(1, keepdims=True))
+    if dscore_extra is not None:
+        ds = ds + dscore_extra
+    dm = ds[:, :, None] * u[:, None, :]
+    du = du_next + np.einsum("nm,nmd->nd", ds, m)
+    return du, dm, dc
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def xent(logits: np.ndarray, target: np.ndarray, scale: float, mask=None):
+    """scale * sum over rows with target >= 0 of -log softmax(logits)[target], and its gradient
+    wrt logits (rows without a target: 0). mask (N, M) restricts the softmax (attention)."""
+    if mask is None:
+        lp = log_softmax(logits)
+        prob = np.exp(lp)
+    else:
+        z = np.where(mask, logits, NEG)
+        z = z - z.max(1, keepdims=True)
+        lp = z - np.log((np.exp(z) * mask).sum(1, keepdims=True))
+        prob = np.exp(lp) * mask
+    has = target >= 0
+    rows = np.nonzero(has)[0]
+    loss = -scale * float(lp[rows, target[rows]].sum())
+    g = prob * (scale * has)[:, None]
+    g[rows, target[rows]] -= scale
+    return loss, g.astype(logits.dtype)
+
+
+# ------------------------------------------------------------------ the whole network
+def answer_matrix(params, cfg: QAConfig, ans_words: np.ndarray) -> np.ndarray:
+    """Answer selection weights (A, d): W + the sum of the last embedding's rows of each
+    answer's words (the paper's tying W^T = C_K, extended to multi-word answer classes)."""
+    E = params[f"emb{cfg.hops}"]
+    return params["W"] + ans_words.astype(E.dtype) @ E
+
+
+
+def forward(params, cfg: QAConfig, b: dict, linear: bool = False):
+    """Forward pass over batch b (make_batch). Returns logits (N, A) and the cache."""
+    N, M, J = b["mem"].shape
+    d, K = cfg.dim, cfg.hops
+    dt = params["W"].dtype
+    mlens = b["mem_len"].reshape(-1)
+    wm = word_weights(mlens, J, d, cfg.encoder, dt)
+    wq = word_weights(b["q_len"], b["q"].shape[1], d, cfg.encoder, dt)
+    mem, mcache = [], []
+    for k in range(K + 1):
+        enc, cache = encoder_forward(params, cfg, k, b["mem"].reshape(N * M, J), mlens, wm)
+        mem.append(enc.reshape(N, M, d) + params[f"time{k}"][b["age"]])
+        mcache.append(cache)
+    u0, qcache = encoder_forward(params, cfg, 0, b["q"], b["q_len"], wq)
+    us, ps, ss = [u0], [], []
+    for h in range(K):
+        p, s, un = hop_forward(us[-1], mem[h], mem[h + 1], b["mask"], linear)
+        us.append(un)
+        ps.append(p)
+        ss.append(s)
+    Wa = answer_matrix(params, cfg, b["ans_words"])        # (A, d)
+    logits = us[-1] @ Wa.T                                 # (N, A)
+    if cfg.match:
+        logits += (us[0] * (us[-1] - us[-2])) @ params["Wm"].T   # question * last read o_K
+    return logits, dict(mem=mem, mcache=mcache, qcache=qcache, us=us, ps=ps, ss=ss, linear=linear)
+
+
+def loss_and_grads(params, cfg: QAConfig, b: dict, linear: bool = False, supervise: float = 0.0,
+                   need_grads: bool = True):
+    """Mean answer cross-entropy (+ supervise * mean attention cross-entropy towards the
+    supporting facts) over the batch, and the gradient of every parameter.
+    Returns (loss, grads or None, logits, attention list of K (N, M))."""
+    logits, c = forward(params, cfg, b, linear)
+    N = logits.shape[0]
+    loss, dlogits = xent(logits, b["ans"], 1.0 / N)
+    dss = [None] * cfg.hops
+    if supervise:
+        for h in range(cfg.hops):
+            l, g = xent(c["ss"][h], b["target"][:, h], supervise / N, b["mask"])
+            loss += l
+            dss[h] = g
+    if not need_grads:
+        return loss, None, logits, c["ps"]
+    grads = {n: np.zeros_like(p) for n, p in params.items()}
+    us, mem = c["us"], c["mem"]
+    dWa = dlogits.T @ us[-1]                               # (A, d)
+    grads["W"] += dWa
+    grads[f"emb{cfg.hops}"] += b["ans_words"].astype(dWa.dtype).T @ dWa
+    du = dlogits @ answer_matrix(params, cfg, b["ans_words"])
+    do_last = dq_match = None
+    if cfg.match:
+        oK = us[-1] - us[-2]
+        grads["Wm"] += dlogits.T @ (us[0] * oK)
+        dg = dlogits @ params["Wm"]                        # (N, d)
+        do_last, dq_match = dg * us[0], dg * oK
+    dmem = [np.zeros_like(m) for m in mem]
+    for h in range(cfg.hops - 1, -1, -1):
+        du, dm, dc = hop_backward(du, us[h], mem[h], mem[h + 1], c["ps"][h], b["mask"], linear, dss[h],
+                                  do_last if h == cfg.hops - 1 else None)
+        dmem[h] += dm
+        dmem[h + 1] += dc
+    N_, M, d = mem[0].shape
+    age = b["age"].reshape(-1)
+    for k in range(cfg.hops + 1):
+        dk = np.ascontiguousarray(dmem[k].reshape(N_ * M, d))
+        embedding_backward(grads[f"time{k}"], dk, age)
+        encoder_backward(grads, params, cfg, k, dk, c["mcache"][k])
+    if dq_match is not None:
+        du = du + dq_match
+    encoder_backward(grads, params, cfg, 0, np.ascontiguousarray(du), c["qcache"])
+    for k in range(cfg.hops + 1):
+        grads[f"emb{k}"][0] = 0.0                          # the padding word stays at zero
+    return loss, grads, logits, c["ps"]

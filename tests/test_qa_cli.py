@@ -1,0 +1,147 @@
+"""`charlm qa ...` through typer.testing.CliRunner: train -> eval -> ask, babi, and each documented failure."""
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from charlm import cli
+from tests.helpers import DATA, env_plain
+
+TRAIN = DATA / "qa_tiny_train.txt"
+TEST = DATA / "qa_tiny_test.txt"
+SMALL = ["--epochs", "8", "--dim", "8", "--hops", "2"]
+STORY = "Mary went to the kitchen. John moved to the garden. Mary journeyed to the office."
+
+
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "MODELS_DIR", "models")
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        result = runner.invoke(cli.app, [str(a) for a in args], input=input, env=env_plain())
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        assert "Traceback" not in result.output
+        return result
+    return invoke
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def failed(result, *needles):
+    assert result.exit_code == 1
+    err = result.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    assert result.stdout == ""
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+@pytest.fixture
+def model(run_cli, tmp_path):
+    ok(run_cli("qa", "train", TRAIN, *SMALL, "--out", "m"))
+    return tmp_path / "m"
+
+
+def test_train_eval_ask_chain(run_cli, model):
+    assert (model / "best.npz").is_file()
+    r = json.loads(ok(run_cli("qa", "eval", TEST, "--model", model, "--json")).stdout)
+    assert set(r) == {"n_questions", "accuracy", "error_pct"}
+    assert r["n_questions"] == 18 and r["error_pct"] == pytest.approx(100 * (1 - r["accuracy"]))
+    text = ok(run_cli("qa", "eval", TEST, "--model", model / "best.npz")).stdout
+    assert "questions = 18" in text and "error = " in text
+    shown = ok(run_cli("qa", "ask", "--model", model, "--story", STORY, "Where is Mary?")).stdout
+    assert "hop 1" in shown and "hop 2" in shown and "Mary journeyed to the office" in shown
+    assert shown.count("*") >= 2 and "A: " in shown
+
+
+def test_ask_json_attention_sums_to_one_per_hop(run_cli, model, tmp_path):
+    r = json.loads(ok(run_cli("qa", "ask", "--model", model, "--story", STORY, "Where is Mary?", "--json")).stdout)
+    assert set(r) >= {"answer", "probability", "hops", "memories"}
+    assert len(r["memories"]) == 3 and len(r["hops"]) == 2
+    for h in r["hops"]:
+        assert len(h["weights"]) == 3
+        assert sum(h["weights"]) == pytest.approx(1.0, abs=1e-6)
+        assert h["selected"] == max(range(3), key=lambda i: h["weights"][i])
+        assert h["selected_sentence"] == r["memories"][h["selected"]]
+    assert 0 < r["probability"] <= 1
+    (tmp_path / "story.txt").write_text("1 Mary went to the kitchen.\n2 John moved to the garden.\n")
+    r2 = json.loads(ok(run_cli("qa", "ask", "--model", model, "--story-file", "story.txt", "Where is John?",
+                               "--json")).stdout)
+    assert r2["memories"] == ["Mary went to the kitchen", "John moved to the garden"]
+    r3 = json.loads(ok(run_cli("qa", "ask", "--model", model, "--story-file", "-", "Where is John?", "--json",
+                               input="John went to the hallway.\n")).stdout)
+    assert r3["memories"] == ["John went to the hallway"]
+
+
+def test_train_json_and_stdin(run_cli, tmp_path):
+    res = ok(run_cli("qa", "train", "-", *SMALL, "--out", "s", "--json", "--encoder", "bigru",
+                     input=TRAIN.read_text()))
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [x["event"] for x in lines] == ["epoch"] * 8 + ["done"]
+    assert lines[-1]["checkpoint"] == "s/best.npz" and lines[0]["phase"] == "linear"
+    assert {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"} <= set(lines[0])
+
+
+def test_babi_command_on_a_small_folder(run_cli, tmp_path):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    for t in (1, 2):
+        shutil.copy(TRAIN, d / f"qa{t}_tiny_train.txt")
+        shutil.copy(TEST, d / f"qa{t}_tiny_test.txt")
+    r = json.loads(ok(run_cli("qa", "babi", d, "--tasks", "1-2", *SMALL, "--json")).stdout)
+    assert [t["task"] for t in r["tasks"]] == [1, 2]
+    assert r["tasks"][0]["ref_memn2n"] == 0.0 and r["tasks"][1]["ref_memn2n"] == 8.3
+    assert r["failed"] == sum(t["test_error_pct"] > 5 for t in r["tasks"])
+    assert r["mean_error_pct"] == pytest.approx(sum(t["test_error_pct"] for t in r["tasks"]) / 2)
+    assert r["reference"]["memn2n"] == {"mean_error_pct": 13.9, "failed": 11}
+    text = ok(run_cli("qa", "babi", d, "--tasks", "2", *SMALL, "--out", "runs")).stdout
+    assert "MemN2N" in text and "mean" in text and "failed" in text
+    assert (tmp_path / "runs" / "qa2" / "best.npz").is_file()
+    failed(run_cli("qa", "babi", d, "--tasks", "3", *SMALL), "task 3")
+    failed(run_cli("qa", "babi", d, "--tasks", "x", *SMALL), "--tasks")
+
+
+def test_bad_training_input(run_cli, tmp_path):
+    (tmp_path / "bad.txt").write_text("1 Mary went home.\nWhere is Mary?\thome\t1\n")
+    failed(run_cli("qa", "train", "bad.txt", *SMALL), "bad.txt:2", "expected 'ID text'")
+    (tmp_path / "nostory.txt").write_text("1 Where is Mary?\thome\t1\n")
+    failed(run_cli("qa", "train", "nostory.txt", *SMALL), "question with no story")
+    failed(run_cli("qa", "train", "missing.txt"), "file not found")
+    failed(run_cli("qa", "train", TRAIN, "--encoder", "cnn"), "--encoder")
+    failed(run_cli("qa", "train", TRAIN, "--encoder", "bigru", "--dim", "7"), "even --dim")
+    failed(run_cli("qa", "train", TRAIN, "--epochs", "0"), "--epochs")
+
+
+def test_bad_ask_and_eval_input(run_cli, model, tmp_path):
+    failed(run_cli("qa", "ask", "--model", model, "--story", "Mary went to Paris.", "Where is Mary?"),
+           "unknown word", "'paris'")
+    failed(run_cli("qa", "ask", "--model", model, "--story", "Mary went home.", "Who is Zorro?"), "'zorro'")
+    failed(run_cli("qa", "ask", "--model", model, "--story", " ", "Where is Mary?"), "story is empty")
+    failed(run_cli("qa", "ask", "--model", model, "Where is Mary?"), "--story")
+    failed(run_cli("qa", "ask", "--model", model, "--story", STORY, "--story-file", "x", "Where?"), "either")
+    failed(run_cli("qa", "ask", "--story", STORY, "Where is Mary?"), "--model")
+    failed(run_cli("qa", "ask", "--model", model, "--story-file", "none.txt", "Where?"), "story file not found")
+    failed(run_cli("qa", "eval", TEST), "--model")
+    failed(run_cli("qa", "eval", TEST, "--model", "nowhere"), "model not found")
+    raw = (model / "best.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[:len(raw) // 3])
+    failed(run_cli("qa", "eval", TEST, "--model", "cut.npz"), "truncated or damaged")
+    # a language model where a QA model belongs, and the other way round: each named for what it is
+    from tests.helpers import make_checkpoint
+    from charlm import checkpoint
+    checkpoint.save(make_checkpoint(), tmp_path / "lm.npz")
+    failed(run_cli("qa", "eval", TEST, "--model", "lm.npz"), "a charlm language model, not a QA model")
+    failed(run_cli("score", "--model", model / "best.npz", "some text"), "charlm-qa-checkpoint")
+
+
+def test_help_shows_defaults(run_cli):
+    text = ok(run_cli("qa", "train", "--help")).stdout
+    for needle in ("--encoder", "--hops", "--memory-size", "--supervise-facts", "default: pe", "default: 50"):
+        assert needle in text, needle
