@@ -547,7 +547,7 @@ def score(
         fail(str(e))
 
 
-score.__doc__ = inspect.cleandoc(score.__doc__) + "\n\n" + PPL_HELP
+score.__doc__ = score.__doc__ + "\n\n" + PPL_HELP
 
 
 @app.command("eval")
@@ -604,13 +604,32 @@ def eval_cmd(
         fail(str(e))
 
 
-eval_cmd.__doc__ = inspect.cleandoc(eval_cmd.__doc__) + "\n\n" + PPL_HELP
+eval_cmd.__doc__ = eval_cmd.__doc__ + "\n\n" + PPL_HELP
 
 # Commands kept in their own modules (they import fail/out/err/_dumps from here, so this comes last).
 from . import cli_grads, cli_qa  # noqa: E402
 
 cli_grads.register(app)
 cli_qa.register(app)
+
+
+def unwrap_help(doc: str | None) -> str | None:
+    """A docstring as --help should show it: the lines of each paragraph joined into one, so the
+    terminal wraps them (Typer keeps the source's line breaks, which break lines mid-sentence)."""
+    if not doc:
+        return doc
+    paras = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paras)
+
+
+def _unwrap_all(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        info.callback.__doc__ = unwrap_help(info.callback.__doc__)
+    for group in typer_app.registered_groups:
+        _unwrap_all(group.typer_instance)
+
+
+_unwrap_all(app)
 
 
 def main():
