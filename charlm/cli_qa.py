@@ -245,13 +245,20 @@ def babi_cmd(
     folder: Annotated[str, typer.Argument(help="Folder with the bAbI files qaN_<name>_train.txt / _test.txt "
                                                "(e.g. tasks_1-20_v1-2/en).", show_default=False)],
     tasks: Annotated[str, typer.Option(help="Tasks to run: ranges and lists, e.g. 1-20 or 1,3,5-7.")] = "1-20",
-    encoder: Encoder = "pe", dim: Dim = 20, hops: Hops = 3, memory_size: MemSize = 50,
+    encoder: Annotated[str, typer.Option(help="Sentence encoder (bow, pe, gru, bigru), or several separated by "
+                                               "commas: each task then trains one model per encoder and keeps the one "
+                                               "with the best validation accuracy (the test file is not consulted).")] = "pe",
+    dim: Dim = 20, hops: Hops = 3, memory_size: MemSize = 50,
     epochs: Epochs = 100, minutes: Annotated[Optional[float], typer.Option(
         help="Stop each task's training after this many minutes (and at --epochs at the latest).",
         show_default=False)] = None,
     batch: Batch = 32, lr: Lr = 0.01, optimizer: Optim = "adam",
     clip: Clip = 40.0, anneal_every: Anneal = 25, val_frac: ValFrac = 0.1, linear_start: LinStart = 20,
-    noise: Noise = 0.1, supervise_facts: Supervise = False, runs: Runs = 1, seed: Seed = 0,
+    noise: Noise = 0.1, supervise_facts: Supervise = False,
+    runs: Annotated[str, typer.Option(help="Independent training runs (initialisations) per task, the best by "
+                                           "validation accuracy kept; with several --encoder values, one number "
+                                           "for all or one per encoder (e.g. --encoder pe,bigru --runs 10,1).")] = "1",
+    seed: Seed = 0,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Save each task's model in DIR/qaN/best.npz. "
                                                    "Default: not saved.", show_default=False)] = None,
     as_json: Json = False, threads: Threads = None,
@@ -270,12 +277,24 @@ def babi_cmd(
     from .qa import babi
     from .qa.train import REFERENCE_MEAN, suite
     try:
-        cfg, tcfg = _configs(encoder, dim, hops, memory_size, epochs, minutes, batch, lr, optimizer, clip,
-                             anneal_every, val_frac, linear_start, noise, supervise_facts, runs, seed)
+        encoders = [e.strip() for e in encoder.split(",")]
+        try:
+            run_counts = [int(r) for r in runs.split(",")]
+        except ValueError:
+            raise CharlmError(f"--runs must be a whole number or one per encoder separated by commas, got {runs!r}") from None
+        if len(run_counts) == 1:
+            run_counts *= len(encoders)
+        if len(run_counts) != len(encoders) or len(set(encoders)) != len(encoders):
+            raise CharlmError(f"--runs {runs} does not match --encoder {encoder}: give one number, or one per "
+                              f"(distinct) encoder")
+        for e, r in zip(encoders, run_counts):  # each choice validated up front
+            cfg, tcfg = _configs(e, dim, hops, memory_size, epochs, minutes, batch, lr, optimizer, clip,
+                                 anneal_every, val_frac, linear_start, noise, supervise_facts, r, seed)
         task_list = babi.parse_tasks(tasks)
         summary = None
         with _StopFlag() as stop, _limit_threads(threads):
-            events = suite(folder, task_list, cfg, tcfg, out_dir, should_stop=stop)
+            events = suite(folder, task_list, cfg, tcfg, out_dir, should_stop=stop,
+                           choices=list(zip(encoders, run_counts)))
             if as_json:
                 for ev in events:
                     if ev["event"] == "suite":
@@ -299,18 +318,23 @@ def babi_cmd(
             print(_dumps({**summary, "reference": ref}))
             return
         sup = "strongly supervised (--supervise-facts)" if tcfg.supervise_facts else "weakly supervised"
-        t = Table(title=f"bAbI test error % (1k training) - charlm {cfg.encoder}, {sup}")
-        for c in ("task", "name", "charlm", "LSTM", "MemNN (strong)", "MemN2N (weak)", "seconds"):
-            t.add_column(c, justify="left" if c == "name" else "right")
+        several = len(encoders) > 1
+        t = Table(title=f"bAbI test error % (1k training) - charlm {summary['encoder']}, {sup}")
+        cols = ("task", "name", "charlm") + (("encoder",) if several else ()) + (
+            "LSTM", "MemNN (strong)", "MemN2N (weak)", "seconds")
+        for c in cols:
+            t.add_column(c, justify="left" if c in ("name", "encoder") else "right")
         for r in summary["tasks"]:
             e = r["test_error_pct"]
             mark = " ✗" if e > 5 else ""
-            t.add_row(str(r["task"]), r["name"], f"{e:.1f}{mark}", *(f"{r[k]:g}" if r[k] is not None else "-"
-                      for k in ("ref_lstm", "ref_memnn", "ref_memn2n")), f"{r['seconds']:.0f}")
+            t.add_row(str(r["task"]), r["name"], f"{e:.1f}{mark}", *((r["encoder"],) if several else ()),
+                      *(f"{r[k]:g}" if r[k] is not None else "-" for k in ("ref_lstm", "ref_memnn", "ref_memn2n")),
+                      f"{r['seconds']:.0f}")
         t.add_section()
-        t.add_row("mean", "", f"{summary['mean_error_pct']:.1f}", *(f"{ref[k]['mean_error_pct']:g}" for k in
+        pad = ("",) if several else ()
+        t.add_row("mean", "", f"{summary['mean_error_pct']:.1f}", *pad, *(f"{ref[k]['mean_error_pct']:g}" for k in
                   ("lstm", "memnn", "memn2n")), f"{summary['seconds']:.0f}")
-        t.add_row("failed (> 5 %)", "", str(summary["failed"]), *(str(ref[k]["failed"]) for k in
+        t.add_row("failed (> 5 %)", "", str(summary["failed"]), *pad, *(str(ref[k]["failed"]) for k in
                   ("lstm", "memnn", "memn2n")), "")
         out.print(t)
         if summary["n_tasks"] == 20:

@@ -108,6 +108,24 @@ def test_babi_command_on_a_small_folder(run_cli, tmp_path):
     failed(run_cli("qa", "babi", d, "--tasks", "x", *SMALL), "--tasks")
 
 
+def test_babi_keeps_the_encoder_with_the_best_validation_accuracy(run_cli, tmp_path):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    shutil.copy(TRAIN, d / "qa1_tiny_train.txt")
+    shutil.copy(TEST, d / "qa1_tiny_test.txt")
+    r = json.loads(ok(run_cli("qa", "babi", d, "--tasks", "1", *SMALL, "--encoder", "bow,pe", "--runs", "1,2",
+                              "--json", "--out", "runs")).stdout)
+    row = r["tasks"][0]
+    assert r["encoder"] == "bow,pe" and r["runs"] == [1, 2]
+    accs = row["val_acc_by_encoder"]
+    assert set(accs) == {"bow", "pe"} and row["best_val_acc"] == max(accs.values())
+    assert accs[row["encoder"]] == row["best_val_acc"]
+    from charlm.qa.checkpoint import load
+    assert load(tmp_path / "runs" / "qa1").config.encoder == row["encoder"]  # the kept model is the one saved
+    failed(run_cli("qa", "babi", d, "--tasks", "1", *SMALL, "--encoder", "bow,pe", "--runs", "1,2,3"), "--runs")
+    failed(run_cli("qa", "babi", d, "--tasks", "1", *SMALL, "--encoder", "pe,cnn"), "--encoder")
+
+
 def test_bad_training_input(run_cli, tmp_path):
     (tmp_path / "bad.txt").write_text("1 Mary went home.\nWhere is Mary?\thome\t1\n")
     failed(run_cli("qa", "train", "bad.txt", *SMALL), "bad.txt:2", "expected 'ID text'")

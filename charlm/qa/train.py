@@ -274,19 +274,26 @@ LS_PATIENCE, LS_MIN = 5, 10
 
 
 def suite(folder: str, tasks: list[int], cfg: QAConfig, tcfg: QATrainConfig, out_dir: str | None = None,
-          should_stop: Callable[[], bool] | None = None) -> Iterator[dict]:
+          should_stop: Callable[[], bool] | None = None,
+          choices: list[tuple[str, int]] | None = None) -> Iterator[dict]:
     """Train and test one model per bAbI task in folder. Checks the files at once (CharlmError),
     then returns an iterator of events: {"event": "task_start"}, the training events of each
-    task (with "task"), {"event": "task", ...} results and a final {"event": "suite", ...}."""
+    task (with "task"), {"event": "task", ...} results and a final {"event": "suite", ...}.
+
+    choices: (encoder, runs) pairs; each task then trains one model per pair (the same
+    training/validation split) and keeps the one with the best validation accuracy (ties: the
+    lower validation loss, then the earlier pair) — model selection on held-out training
+    questions only; the test file is read once, for the kept model. Default: cfg's encoder
+    with tcfg.runs."""
     files = babi.task_files(folder)
     missing = [t for t in tasks if t not in files or "train" not in files[t] or "test" not in files[t]]
     if missing:
         raise CharlmError(f"{folder} lacks the train/test files of task{'s' if len(missing) > 1 else ''} "
                           f"{', '.join(map(str, missing))}")
-    return _suite(files, tasks, cfg, tcfg, out_dir, should_stop)
+    return _suite(files, tasks, cfg, tcfg, out_dir, should_stop, choices or [(cfg.encoder, tcfg.runs)])
 
 
-def _suite(files, tasks, cfg, tcfg, out_dir, should_stop):
+def _suite(files, tasks, cfg, tcfg, out_dir, should_stop, choices):
     t0 = time.perf_counter()
     rows = []
     for i, t in enumerate(tasks):
@@ -295,15 +302,29 @@ def _suite(files, tasks, cfg, tcfg, out_dir, should_stop):
         train_q = babi.read(f["train"])
         test_q = babi.read(f["test"])
         task_out = str(Path(out_dir) / f"qa{t}") if out_dir else None
-        done = None
-        for ev in train(train_q, cfg, tcfg, task_out, source=f["train"], should_stop=should_stop):
-            if ev["event"] == "done":
-                done = ev
-            yield {**ev, "task": t}
+        done, by_encoder, seconds = None, {}, 0.0
+        for enc, runs in choices:
+            c = QAConfig(**{**cfg.to_dict(), "encoder": enc})
+            tc = QATrainConfig(**{**tcfg.to_dict(), "runs": runs})
+            for ev in train(train_q, c, tc, None, source=f["train"], should_stop=should_stop):
+                if ev["event"] == "done":
+                    seconds += ev["seconds"]
+                    by_encoder[enc] = ev["best_val_acc"]
+                    if done is None or (ev["best_val_acc"], -ev["best_val_loss"]) > \
+                            (done["best_val_acc"], -done["best_val_loss"]):
+                        done = ev
+                yield {**ev, "task": t, "encoder": enc}
+            if should_stop and should_stop():
+                break
+        ck = done["model"].ck
+        if task_out is not None:
+            ck.path = str(Path(task_out) / BEST)
+            save(ck, ck.path)
         r = evaluate(done["model"], test_q)
         ref = REFERENCE.get(t)
         row = {"task": t, "name": f["name"], "test_error_pct": r["error_pct"], "n_test": r["n_questions"],
-               "best_val_acc": done["best_val_acc"], "epochs": done["epochs"], "seconds": done["seconds"],
+               "encoder": ck.config.encoder, "best_val_acc": done["best_val_acc"], "val_acc_by_encoder": by_encoder,
+               "epochs": done["epochs"], "seconds": seconds,
                "ref_lstm": ref[0] if ref else None, "ref_memnn": ref[1] if ref else None,
                "ref_memn2n": ref[2] if ref else None}
         rows.append(row)
@@ -313,4 +334,5 @@ def _suite(files, tasks, cfg, tcfg, out_dir, should_stop):
     errs = [r["test_error_pct"] for r in rows]
     yield {"event": "suite", "tasks": rows, "mean_error_pct": float(np.mean(errs)) if errs else None,
            "failed": sum(e > FAIL_PCT for e in errs), "n_tasks": len(rows), "seconds": time.perf_counter() - t0,
-           "encoder": cfg.encoder, "supervise_facts": tcfg.supervise_facts}
+           "encoder": ",".join(e for e, _ in choices), "runs": [r for _, r in choices],
+           "supervise_facts": tcfg.supervise_facts}
