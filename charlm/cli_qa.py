@@ -205,13 +205,8 @@ def ask_cmd(
         if (story is None) == (story_file is None):
             raise CharlmError("give the story with either --story \"...\" or --story-file FILE")
         if story_file is not None:
-            import sys
-            try:
-                text = sys.stdin.read() if story_file == "-" else Path(story_file).read_text(encoding="utf-8")
-            except FileNotFoundError:
-                raise CharlmError(f"story file not found: {story_file}") from None
-            except (OSError, UnicodeDecodeError) as e:
-                raise CharlmError(f"cannot read story file {story_file}: {getattr(e, 'strerror', None) or e}") from None
+            from .data import read_text
+            text = read_text(story_file, what="story file")
         else:
             text = story
         m = QAModel(load(model))

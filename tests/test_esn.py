@@ -9,7 +9,6 @@ import pytest
 
 from charlm import checkpoint
 from charlm.config import ModelConfig, TrainConfig
-from charlm.data import Vocab
 from charlm.errors import CharlmError
 from charlm.esn import EsnModel, connectivity_of, spectral_radius
 from charlm.kernels.esn import esn_forward

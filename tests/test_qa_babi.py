@@ -86,7 +86,7 @@ def test_read_errors(tmp_path):
     with pytest.raises(CharlmError, match="is a directory"):
         babi.read(str(tmp_path))
     (tmp_path / "bin.txt").write_bytes(b"1 \xff\xfe\n")
-    with pytest.raises(CharlmError, match="not UTF-8"):
+    with pytest.raises(CharlmError, match="not valid utf-8: bad byte 0xff at offset 2"):
         babi.read(str(tmp_path / "bin.txt"))
 
 

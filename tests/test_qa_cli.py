@@ -3,44 +3,14 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
 
-from charlm import cli
-from tests.helpers import DATA, env_plain
+from tests.helpers import DATA
+from tests.test_cli import failed, ok, run_cli  # noqa: F401  (run_cli is a fixture)
 
 TRAIN = DATA / "qa_tiny_train.txt"
 TEST = DATA / "qa_tiny_test.txt"
 SMALL = ["--epochs", "8", "--dim", "8", "--hops", "2"]
 STORY = "Mary went to the kitchen. John moved to the garden. Mary journeyed to the office."
-
-
-@pytest.fixture
-def run_cli(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "MODELS_DIR", "models")
-    runner = CliRunner()
-
-    def invoke(*args, input=None):
-        result = runner.invoke(cli.app, [str(a) for a in args], input=input, env=env_plain())
-        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-        assert "Traceback" not in result.output
-        return result
-    return invoke
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def failed(result, *needles):
-    assert result.exit_code == 1
-    err = result.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err, err
-    assert result.stdout == ""
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 @pytest.fixture

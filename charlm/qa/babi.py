@@ -110,22 +110,11 @@ def _short(s: str, n: int = 60) -> str:
 
 
 def read(path: str) -> list[Question]:
-    """Parse a bAbI file; '-' reads standard input."""
-    import sys
-    if path == "-":
-        return parse(sys.stdin, "<stdin>")
-    p = Path(path)
-    try:
-        with open(p, encoding="utf-8") as f:
-            return parse(f, str(p))
-    except FileNotFoundError:
-        raise CharlmError(f"file not found: {p}") from None
-    except IsADirectoryError:
-        raise CharlmError(f"{p} is a directory; give a bAbI file (qaN_..._train.txt)") from None
-    except UnicodeDecodeError as e:
-        raise CharlmError(f"{p} is not UTF-8 text (byte {e.start}); bAbI files are plain ASCII") from None
-    except OSError as e:
-        raise CharlmError(f"cannot read {p}: {e.strerror}") from None
+    """Parse a bAbI file; '-' reads standard input. Read by charlm.data.read_text, so a missing
+    file, a folder, a FIFO or bytes that are not UTF-8 get the same errors as a corpus."""
+    from ..data import read_text
+    name = "<stdin>" if path == "-" else str(path)
+    return parse(read_text(str(path), what="bAbI file").splitlines(keepends=True), name)
 
 
 def split_story(text: str) -> list[str]:
