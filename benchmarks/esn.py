@@ -2,7 +2,7 @@
 add-one-smoothed character bigram model (and the LSTM), and how bpc changes with the
 reservoir's size.
 
-    python benchmarks/esn.py [--minutes 3] [--units 500 1000 2000 4000] [--threads N] [--lstm]
+    python benchmarks/esn.py [--minutes 3 | --steps N] [--units 500 1000 2000 4000] [--threads N] [--lstm] [--ridge]
 
 Every model is trained with `charlm train --cell esn --minutes M` on the same split the
 trainer makes (the last 5 % of the text held out); the bigram counts the training part
@@ -99,9 +99,10 @@ def ridge_readout(text: str, units: int, seed: int = 0, val_frac: float = 0.05,
     return best
 
 
-def train_run(args: list[str], minutes: float, threads: int | None) -> dict:
+def train_run(args: list[str], minutes: float, threads: int | None, steps: int = 0) -> dict:
+    budget = ["--steps", str(steps)] if steps else ["--minutes", str(minutes)]
     with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, "-m", "charlm", "train", str(CORPUS), *args, "--minutes", str(minutes),
+        cmd = [sys.executable, "-m", "charlm", "train", str(CORPUS), *args, *budget,
                "--out", f"{d}/run", "--json", "--quiet"] + (["--threads", str(threads)] if threads else [])
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if res.returncode != 0:
@@ -113,6 +114,7 @@ def train_run(args: list[str], minutes: float, threads: int | None) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=3.0)
+    ap.add_argument("--steps", type=int, default=0, help="train every model this many steps instead of --minutes")
     ap.add_argument("--units", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--lstm", action="store_true", help="also train the default 2x256 LSTM for the same minutes")
@@ -125,9 +127,9 @@ def main():
     val_bigram, train_bigram = bigram_bpc(text)
     rows = [("character bigram, add-one", f"{val_bigram:.3f}", "counts, < 1 s", "")]
     for units in a.units:
-        done = train_run(["--cell", "esn", "--units", str(units), *a.extra.split()], a.minutes, a.threads)
+        done = train_run(["--cell", "esn", "--units", str(units), *a.extra.split()], a.minutes, a.threads, a.steps)
         rows.append((f"ESN {units} units {a.extra}".strip(), f"{done['best_val_bpc']:.3f}",
-                     f"{a.minutes:g} min, {done['steps']:,} steps", f"{done['tokens_per_s']:,.0f}"))
+                     f"{done['seconds'] / 60:.1f} min, {done['steps']:,} steps", f"{done['tokens_per_s']:,.0f}"))
         print(rows[-1], file=sys.stderr, flush=True)
     if a.ridge:
         for units in a.units:
@@ -136,9 +138,9 @@ def main():
                          f"one pass; lambda {r['lambda']:g}, temperature {r['tau']:.1f}", ""))
             print(rows[-1], file=sys.stderr, flush=True)
     if a.lstm:
-        done = train_run([], a.minutes, a.threads)
+        done = train_run([], a.minutes, a.threads, a.steps)
         rows.append(("LSTM 2x256 (charlm default)", f"{done['best_val_bpc']:.3f}",
-                     f"{a.minutes:g} min, {done['steps']:,} steps", f"{done['tokens_per_s']:,.0f}"))
+                     f"{done['seconds'] / 60:.1f} min, {done['steps']:,} steps", f"{done['tokens_per_s']:,.0f}"))
     print("| model | held-out bpc | training | tokens/s |\n|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
