@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from .blas import load_blas
 from .config import ModelConfig
 from .errors import CharlmError
 from .kernels import common, gru, lstm, rnn
@@ -45,7 +46,7 @@ def compute_threads(n: int | None = None):
     (recurrences by batch rows, whole-window products by time) and every BLAS call
     stays single-threaded: a BLAS thread waiting for a core that is busy elsewhere
     would otherwise stall every time step."""
-    import scipy.linalg.cython_blas  # noqa: F401  load the BLAS Numba calls, so the limit reaches it
+    load_blas()  # load the BLAS Numba calls now, so that the limit reaches it
     from threadpoolctl import threadpool_limits
     n = n or numba.config.NUMBA_NUM_THREADS
     old = numba.get_num_threads()

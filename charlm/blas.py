@@ -1,0 +1,55 @@
+"""Load the BLAS that Numba's np.dot calls, without importing scipy.linalg.
+
+Numba finds sgemm/dgemm through the C API capsules of `scipy.linalg.cython_blas`
+(it imports that module by name from C the first time a kernel multiplies). Importing
+it the ordinary way first runs `scipy.linalg/__init__`, which pulls in SciPy's
+array-API layer, numpy.f2py and charset_normalizer: about 120 ms on this machine, a
+seventh of a whole `charlm score` run, for nothing a kernel uses. The extension module
+itself depends only on the `scipy` package and its bundled OpenBLAS, so we load it
+from its file under its own name; Python's import system then finds it in
+`sys.modules` and neither Numba nor a later `import scipy.linalg` loads it again.
+
+If SciPy is laid out differently (no such file), fall back to the ordinary import.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+_NAME = "scipy.linalg.cython_blas"
+
+
+def load_blas() -> None:
+    """Make sure `scipy.linalg.cython_blas` is imported, as cheaply as possible."""
+    if _NAME in sys.modules:
+        return
+    if "scipy.linalg" not in sys.modules:
+        try:
+            _load_from_file()
+            return
+        except Exception:                      # any surprise: the ordinary import below
+            sys.modules.pop(_NAME, None)
+    import scipy.linalg.cython_blas  # noqa: F401
+
+
+def _load_from_file() -> None:
+    spec = importlib.util.find_spec("scipy")  # a top-level spec: imports nothing
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("scipy not found")
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    paths = [p for d in spec.submodule_search_locations
+             for p in glob.glob(os.path.join(d, "linalg", "cython_blas.*"))
+             if any(p.endswith(s) for s in suffixes)]
+    if not paths:
+        raise ImportError("scipy/linalg/cython_blas extension not found")
+    loader = importlib.machinery.ExtensionFileLoader(_NAME, paths[0])
+    module_spec = importlib.util.spec_from_file_location(_NAME, paths[0], loader=loader)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[_NAME] = module
+    loader.exec_module(module)
+    if not getattr(module, "__pyx_capi__", None):
+        raise ImportError("scipy.linalg.cython_blas has no C API table")
