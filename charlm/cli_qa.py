@@ -41,21 +41,31 @@ Runs = Annotated[int, typer.Option(help="Independent training runs (initialisati
 Supervise = Annotated[bool, typer.Option("--supervise-facts", help="Also train story selection on the supporting "
                                                                    "facts (hop k attends to the k-th).")]
 Seed = Annotated[int, typer.Option(help="Random seed for the split, initialisation and batches.")]
+Relative = Annotated[int, typer.Option(help="Hops 2..K also match each memory's age relative to the memory the "
+                                            "previous hop chose, clipped to +-N sentences (finds 'the move before "
+                                            "that one'); 0 turns it off.")]
+Mlp = Annotated[int, typer.Option(help="Answer selection also reads a tanh layer of N units over the question and "
+                                       "every hop's read memory, in hop order; 0 turns it off.")]
+RepeatLast = Annotated[bool, typer.Option("--repeat-last-fact", help="With --supervise-facts, hops past a "
+                                                                      "question's last supporting fact attend to "
+                                                                      "that fact again (default: left free).")]
 Json = Annotated[bool, typer.Option("--json", help="Print strict JSON instead of the display.")]
 Threads = Annotated[Optional[int], typer.Option(help="Threads to compute with. Default: every core.",
                                                 show_default=False)]
 
 
 def _configs(encoder, dim, hops, memory_size, epochs, minutes, batch, lr, optimizer, clip, anneal_every,
-             val_frac, linear_start, noise, supervise_facts, runs, seed):
+             val_frac, linear_start, noise, supervise_facts, runs, seed, relative=0, mlp=0, repeat_last_fact=False):
     from .qa.model import QAConfig
     from .qa.train import QATrainConfig
     if minutes is not None and minutes <= 0:
         raise CharlmError(f"--minutes must be positive, got {minutes}")
-    cfg = QAConfig(encoder=encoder, dim=dim, hops=hops, memory_size=memory_size)
+    if repeat_last_fact and not supervise_facts:
+        raise CharlmError("--repeat-last-fact only means something with --supervise-facts")
+    cfg = QAConfig(encoder=encoder, dim=dim, hops=hops, memory_size=memory_size, relative=relative, mlp=mlp)
     tcfg = QATrainConfig(epochs=epochs, minutes=minutes or 0.0, batch=batch, lr=lr, optimizer=optimizer, clip=clip,
                          anneal_every=anneal_every, val_frac=val_frac, seed=seed, linear_start=linear_start,
-                         noise=noise, supervise_facts=supervise_facts, runs=runs)
+                         noise=noise, supervise_facts=supervise_facts, runs=runs, repeat_last_fact=repeat_last_fact)
     return cfg, tcfg
 
 
@@ -71,7 +81,8 @@ def train_cmd(
     encoder: Encoder = "pe", dim: Dim = 20, hops: Hops = 3, memory_size: MemSize = 50,
     epochs: Epochs = 100, minutes: Minutes = None, batch: Batch = 32, lr: Lr = 0.01, optimizer: Optim = "adam",
     clip: Clip = 40.0, anneal_every: Anneal = 25, val_frac: ValFrac = 0.1, linear_start: LinStart = 20,
-    noise: Noise = 0.1, supervise_facts: Supervise = False, runs: Runs = 1, seed: Seed = 0,
+    noise: Noise = 0.1, supervise_facts: Supervise = False, repeat_last_fact: RepeatLast = False,
+    relative: Relative = 0, mlp: Mlp = 0, runs: Runs = 1, seed: Seed = 0,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Folder for the model (best.npz). Default: a new "
                                                    "folder models/<file>-<encoder>-<time>.", show_default=False)] = None,
     as_json: Json = False, threads: Threads = None,
@@ -88,7 +99,8 @@ def train_cmd(
     from .qa.train import train
     try:
         cfg, tcfg = _configs(encoder, dim, hops, memory_size, epochs, minutes, batch, lr, optimizer, clip,
-                             anneal_every, val_frac, linear_start, noise, supervise_facts, runs, seed)
+                             anneal_every, val_frac, linear_start, noise, supervise_facts, runs, seed,
+                             relative, mlp, repeat_last_fact)
         questions = babi.read(file)
         name = "stdin" if file == "-" else Path(file).name
         run_dir = Path(out_dir) if out_dir else _run_dir_name(name, f"qa-{encoder}")
@@ -249,7 +261,8 @@ def babi_cmd(
         show_default=False)] = None,
     batch: Batch = 32, lr: Lr = 0.01, optimizer: Optim = "adam",
     clip: Clip = 40.0, anneal_every: Anneal = 25, val_frac: ValFrac = 0.1, linear_start: LinStart = 20,
-    noise: Noise = 0.1, supervise_facts: Supervise = False,
+    noise: Noise = 0.1, supervise_facts: Supervise = False, repeat_last_fact: RepeatLast = False,
+    relative: Relative = 0, mlp: Mlp = 0,
     runs: Annotated[str, typer.Option(help="Independent training runs (initialisations) per task, the best by "
                                            "validation accuracy kept; with several --encoder values, one number "
                                            "for all or one per encoder (e.g. --encoder pe,bigru --runs 10,1).")] = "1",
@@ -284,7 +297,8 @@ def babi_cmd(
                               f"(distinct) encoder")
         for e, r in zip(encoders, run_counts):  # each choice validated up front
             cfg, tcfg = _configs(e, dim, hops, memory_size, epochs, minutes, batch, lr, optimizer, clip,
-                                 anneal_every, val_frac, linear_start, noise, supervise_facts, r, seed)
+                                 anneal_every, val_frac, linear_start, noise, supervise_facts, r, seed,
+                                 relative, mlp, repeat_last_fact)
         task_list = babi.parse_tasks(tasks)
         summary = None
         with _StopFlag() as stop, _limit_threads(threads):

@@ -105,6 +105,20 @@ def test_bad_training_input(run_cli, tmp_path):
     failed(run_cli("qa", "train", TRAIN, "--encoder", "cnn"), "--encoder")
     failed(run_cli("qa", "train", TRAIN, "--encoder", "bigru", "--dim", "7"), "even --dim")
     failed(run_cli("qa", "train", TRAIN, "--epochs", "0"), "--epochs")
+    failed(run_cli("qa", "train", TRAIN, "--repeat-last-fact"), "--supervise-facts")
+    failed(run_cli("qa", "train", TRAIN, "--relative", "-1"), "--relative")
+    failed(run_cli("qa", "train", TRAIN, "--mlp", "-2"), "--mlp")
+
+
+def test_relative_mlp_and_repeat_last_fact_train_save_and_answer(run_cli, tmp_path):
+    ok(run_cli("qa", "train", TRAIN, *SMALL, "--supervise-facts", "--repeat-last-fact", "--relative", "4",
+               "--mlp", "8", "--out", "rm"))
+    from charlm.qa import checkpoint as qack
+    ck = qack.load(tmp_path / "rm")
+    assert ck.config.relative == 4 and ck.config.mlp == 8 and "rel1" in ck.params and "mlp.W1" in ck.params
+    assert ck.train["settings"]["repeat_last_fact"] is True
+    r = json.loads(ok(run_cli("qa", "ask", "--model", "rm", "--story", STORY, "Where is Mary?", "--json")).stdout)
+    assert len(r["hops"]) == 2
 
 
 def test_bad_ask_and_eval_input(run_cli, model, tmp_path):

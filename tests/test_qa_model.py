@@ -13,8 +13,8 @@ import pytest
 from charlm.errors import CharlmError
 from charlm.qa import babi
 from charlm.qa import checkpoint as qack
-from charlm.qa.model import (ENCODERS, QAConfig, encode, encoder_forward, hop_backward, hop_forward,
-                             init_params, loss_and_grads, make_batch, masked_softmax, reverse_ids,
+from charlm.qa.model import (ENCODERS, QAConfig, encode, encoder_forward, forward, hop_backward, hop_forward,
+                             init_params, loss_and_grads, make_batch, masked_softmax, relative_age, reverse_ids,
                              word_weights, xent)
 from charlm.qa.train import QATrainConfig, evaluate, train
 from tests import reference as ref
@@ -116,6 +116,34 @@ def test_full_loss_gradients(encoder, linear, rng):
         assert rel_err(g[name], num) < 1e-6, (name, rel_err(g[name], num))
 
 
+@pytest.mark.parametrize("encoder", ["pe", "bigru"])
+def test_full_loss_gradients_with_the_mlp_head_and_relative_age(encoder, rng):
+    """The answer MLP over [u_1; o_1..o_K] and the relative-age vectors of hops 2..K, every parameter."""
+    cfg = QAConfig(encoder=encoder, dim=D, hops=K, memory_size=6, vocab_size=V, n_answers=A, mlp=5, relative=2)
+    p = make_params(cfg, rng)
+    b = make_batch_by_hand(rng)
+    loss, g, _, _ = loss_and_grads(p, cfg, b, False, supervise=0.7)
+    for name, a in p.items():
+        num = numeric_grad(lambda: loss_and_grads(p, cfg, b, False, 0.7, need_grads=False)[0], a)
+        if name.startswith("emb"):
+            num[0] = 0.0
+        assert np.abs(g[name]).max() > 0, name
+        assert rel_err(g[name], num) < 1e-6, (name, rel_err(g[name], num))
+
+
+def test_relative_age_is_measured_from_the_previous_hops_choice(rng):
+    """rel index = clip(age_i - age of the previous hop's most attended memory, -R, R) + R."""
+    cfg = QAConfig(encoder="pe", dim=D, hops=K, memory_size=6, vocab_size=V, n_answers=A, relative=1)
+    b = make_batch_by_hand(rng)
+    b["age"] = np.array([[3, 2, 1, 0], [1, 0, 0, 0], [2, 1, 0, 0]])[:, :b["mask"].shape[1]]
+    p_prev = np.where(b["mask"], rng.random(b["mask"].shape), 0.0)
+    p_prev[0] = [0.1, 0.6, 0.2, 0.1][:p_prev.shape[1]]      # row 0 chose slot 1 (age 2)
+    rel = relative_age(cfg, b, p_prev)
+    assert rel[0].tolist() == [2, 1, 0, 0][:rel.shape[1]]   # ages 3, 2, 1, 0 relative to 2, clipped to +-1
+    _, c = forward(make_params(cfg, rng), cfg, b)
+    assert c["rels"][0] is None and c["rels"][1].shape == b["age"].shape
+
+
 @pytest.mark.parametrize("linear", [False, True], ids=["softmax", "linear"])
 def test_hop_layer_gradients(linear, rng):
     """Story selection alone: sum(dout * (u + o)) + sum(dsx * scores) by finite differences in u, m, c."""
@@ -175,6 +203,8 @@ def test_encode_and_batch_memory_window_ages_and_targets():
     assert b["age"].tolist() == [[2, 1, 0], [2, 1, 0]]      # 0 = the newest memory
     assert b["target"].tolist() == [[2, 0, -1], [-1, 0, -1]]  # hop k -> fact k; later hops free
     assert b["ans"].tolist() == [1, 0]
+    b = make_batch(e, np.array([0, 1]), hops=3, memory_size=3, repeat_last=True)
+    assert b["target"].tolist() == [[2, 0, 0], [-1, 0, 0]]   # later hops: the last fact again
 
 
 def test_random_noise_only_ages_older_memories(rng):
@@ -224,7 +254,7 @@ def test_supervise_facts_needs_supporting_ids():
 
 # ------------------------------------------------------------------ checkpoints
 def _tiny_checkpoint(tmp_path, rng):
-    cfg = QAConfig(encoder="bigru", dim=4, hops=2, memory_size=5, vocab_size=V, n_answers=A)
+    cfg = QAConfig(encoder="bigru", dim=4, hops=2, memory_size=5, vocab_size=V, n_answers=A, relative=3, mlp=6)
     ck = qack.QACheckpoint(cfg, [babi.NIL] + [f"w{i}" for i in range(V - 1)], [f"a{i}" for i in range(A)],
                            init_params(cfg, rng), {"best_val_acc": 0.5})
     path = tmp_path / "best.npz"

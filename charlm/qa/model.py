@@ -9,6 +9,8 @@ C_k = emb{k}, the question uses B = emb0):
     emb{k}   (V, d)   word embeddings, k = 0..K; row 0 (the padding word) is fixed at 0
     time{k}  (Mmax, d) temporal encoding by sentence age (0 = the newest), k = 0..K
     W, Wm    (A, d)   answer selection (free part) and the match term, one row per answer class
+    rel{k}   (2R+1, d) relative-age vectors of hop k+1, k = 1..K-1 (cfg.relative = R > 0)
+    mlp.W1 (U, (K+1) d), mlp.b1 (U,), mlp.W2 (A, U)   the answer MLP (cfg.mlp = U > 0)
     gru{k}f.* / gru{k}b.*   (gru, bigru) forward / backward GRU per embedding k:
              Wih (3H, d), Whh (3H, H), bih, bhh (3H,), gate order [r, z, n]
 
@@ -29,9 +31,13 @@ Story selection (hop k = 1..K), u_1 = enc_0(question):
                                    (linear start: p = score, no softmax)
     o_k = sum_i p_i m_i^C          u_{k+1} = u_k + o_k
 
+Relative age (cfg.relative = R > 0): hop k >= 2 scores u_k . (m_i + rel{k-1}[r_i]), r_i = age_i minus the
+age of the memory hop k-1 attended to most, clipped to [-R, R] (rel{k} (2R+1, d)): "the move before that one".
+
 Answer selection over the A answer classes (answer strings seen in training; "n,w" is one class):
 
     logits = (W + P emb{K}) u_{K+1}  +  Wm (u_1 * o_K)       P (A, V): the words of each answer
+             [+ W2 tanh(W1 [u_1; o_1; ..; o_K] + b1)  with cfg.mlp > 0 hidden units]
 
 P emb{K} ties each answer to the embedding of its words (the paper's W^T = C_K, summed
 over the words of a multi-word answer); the match term Wm (u_1 * o_K), the elementwise
@@ -63,6 +69,9 @@ class QAConfig:
     vocab_size: int = 1
     n_answers: int = 1
     match: bool = True      # answer selection also reads question * last read memory (elementwise)
+    mlp: int = 0            # hidden units of a tanh layer over [u_1; o_1; ..; o_K] added to the answer logits
+    relative: int = 0       # hops 2..K also match a vector of each memory's age relative to the memory the
+                            # previous hop selected, clipped to [-relative, relative] (0: off)
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -75,6 +84,10 @@ class QAConfig:
             raise CharlmError(f"--hops must be at least 1, got {self.hops}")
         if self.memory_size < 1:
             raise CharlmError(f"--memory-size must be at least 1, got {self.memory_size}")
+        if self.relative < 0:
+            raise CharlmError(f"--relative must be 0 (off) or positive, got {self.relative}")
+        if self.mlp < 0:
+            raise CharlmError(f"--mlp must be 0 (off) or positive, got {self.mlp}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +95,8 @@ class QAConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "QAConfig":
         return cls(**{k: d[k] for k in ("encoder", "dim", "hops", "memory_size", "vocab_size", "n_answers",
-                                        "match")})
+                                        "match")}, mlp=d.get("mlp", 0),
+                   relative=d.get("relative", 0))
 
     @property
     def gru_hidden(self) -> int:
@@ -105,9 +119,16 @@ def param_shapes(cfg: QAConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"gru{k}{r}.Whh"] = (3 * H, H)
             shapes[f"gru{k}{r}.bih"] = (3 * H,)
             shapes[f"gru{k}{r}.bhh"] = (3 * H,)
+    if cfg.relative:
+        for k in range(1, cfg.hops):
+            shapes[f"rel{k}"] = (2 * cfg.relative + 1, d)
     shapes["W"] = (A, d)
     if cfg.match:
         shapes["Wm"] = (A, d)
+    if cfg.mlp:
+        shapes["mlp.W1"] = (cfg.mlp, (cfg.hops + 1) * d)
+        shapes["mlp.b1"] = (cfg.mlp,)
+        shapes["mlp.W2"] = (A, cfg.mlp)
     return shapes
 
 
@@ -209,7 +230,7 @@ def answer_word_matrix(vocab: list[str], answers: list[str]) -> np.ndarray:
 
 
 def make_batch(e: Encoded, idx: np.ndarray, hops: int, memory_size: int,
-               rng: np.random.Generator | None = None, noise: float = 0.0) -> dict:
+               rng: np.random.Generator | None = None, noise: float = 0.0, repeat_last: bool = False) -> dict:
     """The arrays of questions idx, trimmed to the longest story and sentence in them.
 
     age (N, M): 0 for the newest memory. With noise > 0 (training: random noise),
@@ -217,7 +238,8 @@ def make_batch(e: Encoded, idx: np.ndarray, hops: int, memory_size: int,
     later ages grow by one each (capped at memory_size - 1).
     target (N, K): the slot hop k should attend to (fact supervision): the k-th supporting
     fact in the task's order; -1 (unsupervised) for hops past the last fact or a fact that
-    fell out of the memory window.
+    fell out of the memory window. repeat_last: hops past the last fact are supervised towards
+    the last fact again (so every hop of a question with facts is supervised).
     """
     n_mem = e.n_mem[idx]
     M = int(n_mem.max())
@@ -236,7 +258,8 @@ def make_batch(e: Encoded, idx: np.ndarray, hops: int, memory_size: int,
     k = np.arange(hops)[None, :]
     pick = np.minimum(k, np.maximum(nsup[:, None] - 1, 0))      # hop k -> fact k
     target = np.take_along_axis(e.sup[idx], pick, axis=1)
-    target = np.where(k < nsup[:, None], target, -1)           # hops past the last fact: free
+    if not repeat_last:
+        target = np.where(k < nsup[:, None], target, -1)       # hops past the last fact: free
     return dict(mem=np.ascontiguousarray(e.mem[idx, :M, :J]), mem_len=np.ascontiguousarray(mem_len),
                 mask=mask, age=age, q=np.ascontiguousarray(e.q[idx, :Jq]), q_len=e.q_len[idx].copy(),
                 ans=e.ans[idx].copy(), target=np.ascontiguousarray(target), ans_words=e.ans_words)
@@ -392,6 +415,18 @@ def answer_matrix(params, cfg: QAConfig, ans_words: np.ndarray) -> np.ndarray:
 
 
 
+def relative_age(cfg: QAConfig, b: dict, p_prev: np.ndarray) -> np.ndarray:
+    """(N, M) row index into rel{h}: each memory's age minus the age of the memory the previous
+    hop attended to most, clipped to [-R, R] and shifted by R. Always the model's own choice, in
+    training too: the supporting facts' positions would leak the answer (task 18: the order of
+    the two facts tells yes from no), and the model would learn to rely on what a test lacks."""
+    sel = np.where(b["mask"], p_prev, -1.0).argmax(1)
+    age = b["age"]
+    a_sel = np.take_along_axis(age, sel[:, None], axis=1)
+    R = cfg.relative
+    return (np.clip(age - a_sel, -R, R) + R).astype(np.int64)
+
+
 def forward(params, cfg: QAConfig, b: dict, linear: bool = False):
     """Forward pass over batch b (make_batch). Returns logits (N, A) and the cache."""
     N, M, J = b["mem"].shape
@@ -406,9 +441,15 @@ def forward(params, cfg: QAConfig, b: dict, linear: bool = False):
         mem.append(enc.reshape(N, M, d) + params[f"time{k}"][b["age"]])
         mcache.append(cache)
     u0, qcache = encoder_forward(params, cfg, 0, b["q"], b["q_len"], wq)
-    us, ps, ss = [u0], [], []
+    us, ps, ss, rels = [u0], [], [], [None]
     for h in range(K):
-        p, s, un = hop_forward(us[-1], mem[h], mem[h + 1], b["mask"], linear)
+        m_in = mem[h]
+        if h and cfg.relative:
+            rels.append(relative_age(cfg, b, ps[-1]))
+            m_in = mem[h] + params[f"rel{h}"][rels[-1]]
+        elif h:
+            rels.append(None)
+        p, s, un = hop_forward(us[-1], m_in, mem[h + 1], b["mask"], linear)
         us.append(un)
         ps.append(p)
         ss.append(s)
@@ -416,7 +457,12 @@ def forward(params, cfg: QAConfig, b: dict, linear: bool = False):
     logits = us[-1] @ Wa.T                                 # (N, A)
     if cfg.match:
         logits += (us[0] * (us[-1] - us[-2])) @ params["Wm"].T   # question * last read o_K
-    return logits, dict(mem=mem, mcache=mcache, qcache=qcache, us=us, ps=ps, ss=ss, linear=linear)
+    z = a = None
+    if cfg.mlp:
+        z = np.concatenate([us[0]] + [us[h + 1] - us[h] for h in range(K)], axis=1)   # (N, (K+1) d)
+        a = np.tanh(z @ params["mlp.W1"].T + params["mlp.b1"])                          # (N, mlp)
+        logits += a @ params["mlp.W2"].T
+    return logits, dict(z=z, a=a, rels=rels, mem=mem, mcache=mcache, qcache=qcache, us=us, ps=ps, ss=ss, linear=linear)
 
 
 def loss_and_grads(params, cfg: QAConfig, b: dict, linear: bool = False, supervise: float = 0.0,
@@ -441,16 +487,32 @@ def loss_and_grads(params, cfg: QAConfig, b: dict, linear: bool = False, supervi
     grads["W"] += dWa
     grads[f"emb{cfg.hops}"] += b["ans_words"].astype(dWa.dtype).T @ dWa
     du = dlogits @ answer_matrix(params, cfg, b["ans_words"])
-    do_last = dq_match = None
+    K, d = cfg.hops, cfg.dim
+    do_extra = [None] * K                                  # dL/do_k from the match term and the mlp
+    dq_extra = None
     if cfg.match:
         oK = us[-1] - us[-2]
         grads["Wm"] += dlogits.T @ (us[0] * oK)
         dg = dlogits @ params["Wm"]                        # (N, d)
-        do_last, dq_match = dg * us[0], dg * oK
+        do_extra[K - 1], dq_extra = dg * us[0], dg * oK
+    if cfg.mlp:
+        a = c["a"]
+        grads["mlp.W2"] += dlogits.T @ a
+        dpre = (dlogits @ params["mlp.W2"]) * (1.0 - a * a)
+        grads["mlp.W1"] += dpre.T @ c["z"]
+        grads["mlp.b1"] += dpre.sum(0)
+        dz = dpre @ params["mlp.W1"]                       # (N, (K+1) d)
+        dq_extra = dz[:, :d] if dq_extra is None else dq_extra + dz[:, :d]
+        for h in range(K):
+            g = dz[:, (h + 1) * d:(h + 2) * d]
+            do_extra[h] = g if do_extra[h] is None else do_extra[h] + g
     dmem = [np.zeros_like(m) for m in mem]
     for h in range(cfg.hops - 1, -1, -1):
-        du, dm, dc = hop_backward(du, us[h], mem[h], mem[h + 1], c["ps"][h], b["mask"], linear, dss[h],
-                                  do_last if h == cfg.hops - 1 else None)
+        m_in = mem[h] if c["rels"][h] is None else mem[h] + params[f"rel{h}"][c["rels"][h]]
+        du, dm, dc = hop_backward(du, us[h], m_in, mem[h + 1], c["ps"][h], b["mask"], linear, dss[h],
+                                  do_extra[h])
+        if c["rels"][h] is not None:
+            embedding_backward(grads[f"rel{h}"], np.ascontiguousarray(dm.reshape(-1, d)), c["rels"][h].reshape(-1))
         dmem[h] += dm
         dmem[h + 1] += dc
     N_, M, d = mem[0].shape
@@ -459,8 +521,8 @@ def loss_and_grads(params, cfg: QAConfig, b: dict, linear: bool = False, supervi
         dk = np.ascontiguousarray(dmem[k].reshape(N_ * M, d))
         embedding_backward(grads[f"time{k}"], dk, age)
         encoder_backward(grads, params, cfg, k, dk, c["mcache"][k])
-    if dq_match is not None:
-        du = du + dq_match
+    if dq_extra is not None:
+        du = du + dq_extra
     encoder_backward(grads, params, cfg, 0, np.ascontiguousarray(du), c["qcache"])
     for k in range(cfg.hops + 1):
         grads[f"emb{k}"][0] = 0.0                          # the padding word stays at zero

@@ -31,6 +31,7 @@ class QATrainConfig:
     noise: float = 0.1            # random noise: probability of an empty memory after each memory
     supervise_facts: bool = False
     fact_weight: float = 1.0
+    repeat_last_fact: bool = False  # with supervise_facts: hops past the last fact attend to it again
     runs: int = 1                 # independent runs (initialisations); the best by validation is kept
 
     def __post_init__(self):
@@ -177,7 +178,7 @@ def _train_run(tr, va, cfg, tcfg, run, rng, sup, budget, t0, should_stop, dtype)
         tot, ok, seen = 0.0, 0, 0
         for i0 in range(0, len(tr), tcfg.batch):
             idx = perm[i0:i0 + tcfg.batch]
-            b = make_batch(tr, idx, cfg.hops, cfg.memory_size, rng, tcfg.noise)
+            b = make_batch(tr, idx, cfg.hops, cfg.memory_size, rng, tcfg.noise, tcfg.repeat_last_fact)
             loss, grads, logits, _ = loss_and_grads(params, cfg, b, linear, sup)
             if not math.isfinite(loss):
                 raise CharlmError(f"training diverged at epoch {epoch} (loss {loss}); try a smaller --lr")
