@@ -255,7 +255,11 @@ def babi_cmd(
     encoder: Annotated[str, typer.Option(help="Sentence encoder (bow, pe, gru, bigru), or several separated by "
                                                "commas: each task then trains one model per encoder and keeps the one "
                                                "with the best validation accuracy (the test file is not consulted).")] = "pe",
-    dim: Dim = 20, hops: Hops = 3, memory_size: MemSize = 50,
+    dim: Dim = 20,
+    hops: Annotated[str, typer.Option(help="Memory reads K before answering; several separated by commas (e.g. "
+                                           "3,5) train one model per value and encoder on each task and keep the "
+                                           "best by validation accuracy (ties: the fewer hops).")] = "3",
+    memory_size: MemSize = 50,
     epochs: Epochs = 100, minutes: Annotated[Optional[float], typer.Option(
         help="Stop each task's training after this many minutes (and at --epochs at the latest).",
         show_default=False)] = None,
@@ -274,9 +278,9 @@ def babi_cmd(
     """Train and test one model per bAbI task; a table of test error % per task beside the published
     numbers (Sukhbaatar et al. 2015, 1k training), the mean error and the tasks failed (> 5 % error).
 
-    --json gives {"tasks": [{"task", "name", "test_error_pct", "n_test", "best_val_acc", "epochs", "seconds",
-    "ref_lstm", "ref_memnn", "ref_memn2n"}], "mean_error_pct", "failed", "n_tasks", "seconds", "encoder",
-    "supervise_facts", "reference"}.
+    --json gives {"tasks": [{"task", "name", "test_error_pct", "n_test", "encoder", "hops", "best_val_acc",
+    "epochs", "seconds", "ref_lstm", "ref_memnn", "ref_memn2n"}], "mean_error_pct", "failed", "n_tasks",
+    "seconds", "encoder", "runs", "hops", "supervise_facts", "reference"}.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
@@ -295,15 +299,19 @@ def babi_cmd(
         if len(run_counts) != len(encoders) or len(set(encoders)) != len(encoders):
             raise CharlmError(f"--runs {runs} does not match --encoder {encoder}: give one number, or one per "
                               f"(distinct) encoder")
-        for e, r in zip(encoders, run_counts):  # each choice validated up front
-            cfg, tcfg = _configs(e, dim, hops, memory_size, epochs, minutes, batch, lr, optimizer, clip,
+        try:
+            hop_counts = list(dict.fromkeys(int(h) for h in hops.split(",")))
+        except ValueError:
+            raise CharlmError(f"--hops must be a whole number or several separated by commas, got {hops!r}") from None
+        choices = [(e, r, h) for h in hop_counts for e, r in zip(encoders, run_counts)]
+        for e, r, h in choices:  # each choice validated up front
+            cfg, tcfg = _configs(e, dim, h, memory_size, epochs, minutes, batch, lr, optimizer, clip,
                                  anneal_every, val_frac, linear_start, noise, supervise_facts, r, seed,
                                  relative, mlp, repeat_last_fact)
         task_list = babi.parse_tasks(tasks)
         summary = None
         with _StopFlag() as stop, _limit_threads(threads):
-            events = suite(folder, task_list, cfg, tcfg, out_dir, should_stop=stop,
-                           choices=list(zip(encoders, run_counts)))
+            events = suite(folder, task_list, cfg, tcfg, out_dir, should_stop=stop, choices=choices)
             if as_json:
                 for ev in events:
                     if ev["event"] == "suite":
@@ -327,7 +335,7 @@ def babi_cmd(
             print(_dumps({**summary, "reference": ref}))
             return
         sup = "strongly supervised (--supervise-facts)" if tcfg.supervise_facts else "weakly supervised"
-        several = len(encoders) > 1
+        several = len(choices) > 1
         t = Table(title=f"bAbI test error % (1k training) - charlm {summary['encoder']}, {sup}")
         cols = ("task", "name", "charlm") + (("encoder",) if several else ()) + (
             "LSTM", "MemNN (strong)", "MemN2N (weak)", "seconds")
@@ -336,7 +344,8 @@ def babi_cmd(
         for r in summary["tasks"]:
             e = r["test_error_pct"]
             mark = " ✗" if e > 5 else ""
-            t.add_row(str(r["task"]), r["name"], f"{e:.1f}{mark}", *((r["encoder"],) if several else ()),
+            kept = r["encoder"] + (f", {r['hops']} hops" if len(hop_counts) > 1 else "")
+            t.add_row(str(r["task"]), r["name"], f"{e:.1f}{mark}", *((kept,) if several else ()),
                       *(f"{r[k]:g}" if r[k] is not None else "-" for k in ("ref_lstm", "ref_memnn", "ref_memn2n")),
                       f"{r['seconds']:.0f}")
         t.add_section()

@@ -96,6 +96,27 @@ def test_babi_keeps_the_encoder_with_the_best_validation_accuracy(run_cli, tmp_p
     failed(run_cli("qa", "babi", d, "--tasks", "1", *SMALL, "--encoder", "pe,cnn"), "--encoder")
 
 
+def test_babi_keeps_the_hop_count_with_the_best_validation_accuracy(run_cli, tmp_path):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    shutil.copy(TRAIN, d / "qa1_tiny_train.txt")
+    shutil.copy(TEST, d / "qa1_tiny_test.txt")
+    small = [a for a in SMALL if a not in ("--hops", "2")]
+    r = json.loads(ok(run_cli("qa", "babi", d, "--tasks", "1", *small, "--hops", "1,2", "--json",
+                              "--out", "runs")).stdout)
+    row = r["tasks"][0]
+    assert r["hops"] == [1, 2]
+    accs = row["val_acc_by_encoder"]
+    assert set(accs) == {"pe/1", "pe/2"} and row["best_val_acc"] == max(accs.values())
+    assert accs[f"pe/{row['hops']}"] == row["best_val_acc"]
+    from charlm.qa.checkpoint import load
+    assert load(tmp_path / "runs" / "qa1").config.hops == row["hops"]
+    text = ok(run_cli("qa", "babi", d, "--tasks", "1", *small, "--hops", "1,2")).stdout
+    assert f"pe, {row['hops']} hops" in text
+    failed(run_cli("qa", "babi", d, "--tasks", "1", *small, "--hops", "2,x"), "--hops")
+    failed(run_cli("qa", "babi", d, "--tasks", "1", *small, "--hops", "0,2"), "--hops")
+
+
 def test_bad_training_input(run_cli, tmp_path):
     (tmp_path / "bad.txt").write_text("1 Mary went home.\nWhere is Mary?\thome\t1\n")
     failed(run_cli("qa", "train", "bad.txt", *SMALL), "bad.txt:2", "expected 'ID text'")

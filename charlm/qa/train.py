@@ -276,22 +276,23 @@ LS_PATIENCE, LS_MIN = 5, 10
 
 def suite(folder: str, tasks: list[int], cfg: QAConfig, tcfg: QATrainConfig, out_dir: str | None = None,
           should_stop: Callable[[], bool] | None = None,
-          choices: list[tuple[str, int]] | None = None) -> Iterator[dict]:
+          choices: list[tuple] | None = None) -> Iterator[dict]:
     """Train and test one model per bAbI task in folder. Checks the files at once (CharlmError),
     then returns an iterator of events: {"event": "task_start"}, the training events of each
     task (with "task"), {"event": "task", ...} results and a final {"event": "suite", ...}.
 
-    choices: (encoder, runs) pairs; each task then trains one model per pair (the same
-    training/validation split) and keeps the one with the best validation accuracy (ties: the
-    lower validation loss, then the earlier pair) — model selection on held-out training
-    questions only; the test file is read once, for the kept model. Default: cfg's encoder
-    with tcfg.runs."""
+    choices: (encoder, runs) or (encoder, runs, hops) tuples; each task then trains one model per
+    choice (the same training/validation split) and keeps the one with the best validation accuracy
+    (ties: the lower validation loss, then the earlier choice) — model selection on held-out
+    training questions only; the test file is read once, for the kept model. Default: cfg's
+    encoder and hops with tcfg.runs."""
     files = babi.task_files(folder)
     missing = [t for t in tasks if t not in files or "train" not in files[t] or "test" not in files[t]]
     if missing:
         raise CharlmError(f"{folder} lacks the train/test files of task{'s' if len(missing) > 1 else ''} "
                           f"{', '.join(map(str, missing))}")
-    return _suite(files, tasks, cfg, tcfg, out_dir, should_stop, choices or [(cfg.encoder, tcfg.runs)])
+    choices = [(c[0], c[1], c[2] if len(c) > 2 else cfg.hops) for c in (choices or [(cfg.encoder, tcfg.runs)])]
+    return _suite(files, tasks, cfg, tcfg, out_dir, should_stop, choices)
 
 
 def _suite(files, tasks, cfg, tcfg, out_dir, should_stop, choices):
@@ -304,17 +305,19 @@ def _suite(files, tasks, cfg, tcfg, out_dir, should_stop, choices):
         test_q = babi.read(f["test"])
         task_out = str(Path(out_dir) / f"qa{t}") if out_dir else None
         done, by_encoder, seconds = None, {}, 0.0
-        for enc, runs in choices:
-            c = QAConfig(**{**cfg.to_dict(), "encoder": enc})
+        hop_counts = {h for _, _, h in choices}
+        for enc, runs, hops in choices:
+            c = QAConfig(**{**cfg.to_dict(), "encoder": enc, "hops": hops})
+            name = enc if len(hop_counts) == 1 else f"{enc}/{hops}"
             tc = QATrainConfig(**{**tcfg.to_dict(), "runs": runs})
             for ev in train(train_q, c, tc, None, source=f["train"], should_stop=should_stop):
                 if ev["event"] == "done":
                     seconds += ev["seconds"]
-                    by_encoder[enc] = ev["best_val_acc"]
+                    by_encoder[name] = ev["best_val_acc"]
                     if done is None or (ev["best_val_acc"], -ev["best_val_loss"]) > \
                             (done["best_val_acc"], -done["best_val_loss"]):
                         done = ev
-                yield {**ev, "task": t, "encoder": enc}
+                yield {**ev, "task": t, "encoder": enc, "hops": hops}
             if should_stop and should_stop():
                 break
         ck = done["model"].ck
@@ -324,7 +327,7 @@ def _suite(files, tasks, cfg, tcfg, out_dir, should_stop, choices):
         r = evaluate(done["model"], test_q)
         ref = REFERENCE.get(t)
         row = {"task": t, "name": f["name"], "test_error_pct": r["error_pct"], "n_test": r["n_questions"],
-               "encoder": ck.config.encoder, "best_val_acc": done["best_val_acc"], "val_acc_by_encoder": by_encoder,
+               "encoder": ck.config.encoder, "hops": ck.config.hops, "best_val_acc": done["best_val_acc"], "val_acc_by_encoder": by_encoder,
                "epochs": done["epochs"], "seconds": seconds,
                "ref_lstm": ref[0] if ref else None, "ref_memnn": ref[1] if ref else None,
                "ref_memn2n": ref[2] if ref else None}
@@ -335,5 +338,6 @@ def _suite(files, tasks, cfg, tcfg, out_dir, should_stop, choices):
     errs = [r["test_error_pct"] for r in rows]
     yield {"event": "suite", "tasks": rows, "mean_error_pct": float(np.mean(errs)) if errs else None,
            "failed": sum(e > FAIL_PCT for e in errs), "n_tasks": len(rows), "seconds": time.perf_counter() - t0,
-           "encoder": ",".join(e for e, _ in choices), "runs": [r for _, r in choices],
+           "encoder": ",".join(dict.fromkeys(e for e, _, _ in choices)),
+           "runs": [r for _, r, _ in choices], "hops": sorted({h for _, _, h in choices}),
            "supervise_facts": tcfg.supervise_facts}
