@@ -258,7 +258,8 @@ def babi_cmd(
     dim: Dim = 20,
     hops: Annotated[str, typer.Option(help="Memory reads K before answering; several separated by commas (e.g. "
                                            "3,5) train one model per value and encoder on each task and keep the "
-                                           "best by validation accuracy (ties: the lower validation loss, then the fewer hops).")] = "3",
+                                           "best by validation accuracy (ties: the lower validation loss, then "
+                                           "the fewer hops).")] = "3",
     memory_size: MemSize = 50,
     epochs: Epochs = 100, minutes: Annotated[Optional[float], typer.Option(
         help="Stop each task's training after this many minutes (and at --epochs at the latest).",
