@@ -601,11 +601,13 @@ def test_stack_sample_float32(cell, rng):
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("N", [1, 2, 3])
 @pytest.mark.parametrize("parts", [2, 4])
-def test_forward_and_backward_do_not_depend_on_the_thread_split(cell, N, parts, rng):
-    """parts splits the work by batch rows, by time, or (fewer rows than parts, lstm) by
-    hidden units; every split must give the result of parts=1 (up to float rounding)."""
+@pytest.mark.parametrize("H_", [6, 37, 70])
+def test_forward_and_backward_do_not_depend_on_the_thread_split(cell, N, parts, H_, rng):
+    """parts splits the work by batch rows, by time, or (lstm, at least 16 units a part)
+    by hidden units, in unequal parts when H_ does not divide (37 and 70 units); every
+    split must give the result of parts=1 (up to float rounding)."""
     _, fwd, bwd = KERNELS[cell]
-    T_, D_, H_ = 5, 4, 6
+    T_, D_ = 5, 4
     G = GATES[cell]
     x = rng.standard_normal((T_, N, D_))
     W = [rng.standard_normal((G * H_, D_)) * 0.5, rng.standard_normal((G * H_, H_)) * 0.5,
@@ -623,3 +625,9 @@ def test_forward_and_backward_do_not_depend_on_the_thread_split(cell, N, parts, 
         results.append([hs, cs, acts] + grads)
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_unit_parts_gives_each_part_at_least_16_units():
+    assert [lstm.unit_parts(2, H) for H in (8, 31, 32, 256)] == [1, 1, 2, 2]
+    assert [lstm.unit_parts(4, H) for H in (37, 70)] == [2, 4]
+    assert lstm.unit_parts(1, 512) == 1

@@ -23,20 +23,27 @@ from .common import JIT, PJIT, act_sigmoid, act_tanh, chunk, n_parts, proj_backw
 
 @njit(**JIT)
 def _gru_cell(hout, act, ax, ah, h, H):
-    """ax, ah (N, 3H) pre-activations; act (N, 4H) out; h (N, H) previous; hout (N, H)."""
+    """ax, ah (N, 3H) pre-activations; act (N, 4H) out; h (N, H) previous; hout (N, H).
+    Row by row through 1-D gate views and 0-based loops, so the loop vectorises
+    (indexing act[n, H + j] did not: see lstm._lstm_cell)."""
     N = ax.shape[0]
     one = h.dtype.type(1.0)
     for n in range(N):
+        x, a, o = ax[n], ah[n], act[n]
+        xr, xz, xn = x[:H], x[H:2 * H], x[2 * H:3 * H]
+        ar, az, an = a[:H], a[H:2 * H], a[2 * H:3 * H]
+        orr, oz, on, oa = o[:H], o[H:2 * H], o[2 * H:3 * H], o[3 * H:4 * H]
+        hp, hn = h[n], hout[n]
         for j in range(H):
-            r = act_sigmoid(ax[n, j] + ah[n, j])
-            z = act_sigmoid(ax[n, H + j] + ah[n, H + j])
-            ahn = ah[n, 2 * H + j]
-            nn = act_tanh(ax[n, 2 * H + j] + r * ahn)
-            act[n, j] = r
-            act[n, H + j] = z
-            act[n, 2 * H + j] = nn
-            act[n, 3 * H + j] = ahn
-            hout[n, j] = z * h[n, j] + (one - z) * nn
+            r = act_sigmoid(xr[j] + ar[j])
+            z = act_sigmoid(xz[j] + az[j])
+            ahn = an[j]
+            nn = act_tanh(xn[j] + r * ahn)
+            orr[j] = r
+            oz[j] = z
+            on[j] = nn
+            oa[j] = ahn
+            hn[j] = z * hp[j] + (one - z) * nn
 
 
 @njit(**JIT)
@@ -74,6 +81,34 @@ def gru_forward(hs, cs, acts, x, Wih, Whh, bih, bhh, parts=1):
             _gru_cell(hs[t + 1, n0:n1], acts[t, n0:n1], ax, ah, hs[t, n0:n1], H)
 
 
+@njit(**JIT)
+def _gru_cell_backward(gx, gh, dh, act, hp, dh_above, H):
+    """One row of one step backwards. act (4H,) [r, z, n, ah_n]; hp (H,) h_{t-1};
+    dh_above (H,) dL/dh_t from the layer above; dh (H,) dL/dh_t through step
+    t + 1, replaced by the part of dL/dh_{t-1} that flows through z (the caller
+    adds gh W_hh). Out: gx, gh (3H,) gradients wrt ax and ah. Vectorises (1-D
+    views, 0-based loops)."""
+    one = act.dtype.type(1.0)
+    ar, az, an, aa = act[:H], act[H:2 * H], act[2 * H:3 * H], act[3 * H:4 * H]
+    xr, xz, xn = gx[:H], gx[H:2 * H], gx[2 * H:3 * H]
+    hr, hz, hn = gh[:H], gh[H:2 * H], gh[2 * H:3 * H]
+    for j in range(H):
+        r = ar[j]
+        z = az[j]
+        nn = an[j]
+        dht = dh_above[j] + dh[j]
+        dan = dht * (one - z) * (one - nn * nn)
+        daz = dht * (hp[j] - nn) * z * (one - z)
+        dar = dan * aa[j] * r * (one - r)
+        xr[j] = dar
+        xz[j] = daz
+        xn[j] = dan
+        hr[j] = dar
+        hz[j] = daz
+        hn[j] = dan * r
+        dh[j] = dht * z
+
+
 @njit(**PJIT)
 def gru_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
                  dhs, hs, cs, acts, x, Wih, Whh, parts=1):
@@ -87,7 +122,6 @@ def gru_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
     """
     T, N, D = x.shape
     H = hs.shape[2]
-    one = hs.dtype.type(1.0)
     nc = n_parts(parts, N)
     for c in prange(nc):
         n0, n1 = chunk(c, nc, N)
@@ -100,22 +134,7 @@ def gru_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
             gh = dacts_h[t, n0:n1]
             hp = hs[t, n0:n1]
             for n in range(nr):
-                for j in range(H):
-                    r = act[n, j]
-                    z = act[n, H + j]
-                    nn = act[n, 2 * H + j]
-                    ahn = act[n, 3 * H + j]
-                    dht = dhs[t, n0 + n, j] + dh[n, j]
-                    dan = dht * (one - z) * (one - nn * nn)
-                    daz = dht * (hp[n, j] - nn) * z * (one - z)
-                    dar = dan * ahn * r * (one - r)
-                    gx[n, j] = dar
-                    gx[n, H + j] = daz
-                    gx[n, 2 * H + j] = dan
-                    gh[n, j] = dar
-                    gh[n, H + j] = daz
-                    gh[n, 2 * H + j] = dan * r
-                    dh[n, j] = dht * z
+                _gru_cell_backward(gx[n], gh[n], dh[n], act[n], hp[n], dhs[t, n0 + n], H)
             np.dot(gh, Whh, dhW)  # (n, H)
             dh += dhW
         dh0[n0:n1] += dh

@@ -68,7 +68,7 @@ def _stack_step(cell, hs, cs, tmp_h, tmp_c, act, ax, ah, token, emb, WihT0, WihT
             _gru_cell(tmp_h, act, ax, ah, hs[l], H)
         else:
             ax += ah
-            _lstm_cell(tmp_h, tmp_c, act, ax, cs[l], H, 0, H)
+            _lstm_cell(tmp_h, tmp_c, ax, cs[l], H, 0, H)
         hs[l, :, :] = tmp_h
         if cell == 2:
             cs[l, :, :] = tmp_c
