@@ -631,3 +631,11 @@ def test_unit_parts_gives_each_part_at_least_16_units():
     assert [lstm.unit_parts(2, H) for H in (8, 31, 32, 256)] == [1, 1, 2, 2]
     assert [lstm.unit_parts(4, H) for H in (37, 70)] == [2, 4]
     assert lstm.unit_parts(1, 512) == 1
+
+
+@pytest.mark.parametrize("shape", [(512, 32), (16, 16), (37, 5), (72, 19), (3, 40), (1, 1)])
+def test_transpose_into_matches_numpy(shape, rng):
+    a = rng.standard_normal(shape).astype(np.float32)
+    out = np.full(shape[::-1], np.nan, np.float32)
+    lstm.transpose_into(out, a)
+    np.testing.assert_array_equal(out, a.T)
