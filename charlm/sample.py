@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numba
 import numpy as np
 
 from .data import Vocab
@@ -12,11 +13,12 @@ from .model import Model
 
 
 def _stack_sampler(model: Model):
-    packed = pack(model.params, model.cfg.layers)
+    parts = numba.get_num_threads()
+    packed = pack(model.params, model.cfg.layers, parts=parts)
     code = CELL_CODES[model.cfg.cell]
 
     def step(out, hs, cs, feed, u, temperature, top_k, greedy):
-        stack_sample(out, hs, cs, feed, u, code, *packed, temperature, top_k, greedy)
+        stack_sample(out, hs, cs, feed, u, code, *packed, temperature, top_k, greedy, parts)
     return step
 
 

@@ -639,3 +639,30 @@ def test_transpose_into_matches_numpy(shape, rng):
     out = np.full(shape[::-1], np.nan, np.float32)
     lstm.transpose_into(out, a)
     np.testing.assert_array_equal(out, a.T)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("parts", [2, 3])
+def test_stack_sample_does_not_depend_on_the_thread_split(cell, parts, rng):
+    """parts splits every layer by hidden units (at least 16 a thread: 37 units give
+    2 parts of 18 and 19) and the decoder by vocabulary (at least 64 words a thread);
+    tokens and final state must be bit for bit those of one thread."""
+    L, H_, V_, E_ = 2, 37, 150, 5
+    cfg = ModelConfig(cell=cell, vocab_size=V_, embed=E_, hidden=H_, layers=L)
+    params = {name: 0.8 * rng.standard_normal(shape) for name, shape in param_shapes(cfg).items()}
+    h0 = (0.5 * rng.standard_normal((L, 1, H_))).astype(np.float32)
+    c0 = (0.5 * rng.standard_normal((L, 1, H_))).astype(np.float32) if cell == "lstm" else np.zeros_like(h0)
+    u = rng.random(40)
+    results = []
+    for p in (1, parts):
+        arrays = sample.pack(params, L, np.float32, parts=p)
+        assert arrays[3].shape[1] == min(p, 2)  # WhhT (L, P, H, G wmax): 37 units make 2 parts at most
+        h, c = h0.copy(), c0.copy()
+        out = np.full(40, -1, dtype=np.int64)
+        sample.stack_sample(out, h, c, np.array([3, 1, 4], dtype=np.int64), u, sample.CELL_CODES[cell], *arrays,
+                            1.0, 0, False, p)
+        results.append((out, h, c))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    np.testing.assert_array_equal(results[0][2], results[1][2])
+    assert len(set(results[0][0].tolist())) > 5  # a real draw, not a constant

@@ -22,19 +22,23 @@ from .common import JIT, PJIT, act_sigmoid, act_tanh, chunk, n_parts, proj_backw
 
 
 @njit(**JIT)
-def _gru_cell(hout, act, ax, ah, h, H):
-    """ax, ah (N, 3H) pre-activations; act (N, 4H) out; h (N, H) previous; hout (N, H).
-    Row by row through 1-D gate views and 0-based loops, so the loop vectorises
-    (indexing act[n, H + j] did not: see lstm._lstm_cell)."""
+def _gru_cell(hout, act, ax, ah, h, H, j0=0, j1=-1):
+    """ax, ah (N, 3H) pre-activations; act (N, 4H) out; h (N, H) previous; hout (N, H);
+    for the hidden units j0 <= j < j1 (j1 = -1: all). Row by row through 1-D gate
+    views and 0-based loops, so the loop vectorises (indexing act[n, H + j] did
+    not: see lstm._lstm_cell)."""
     N = ax.shape[0]
     one = h.dtype.type(1.0)
+    if j1 < 0:
+        j1 = H
     for n in range(N):
         x, a, o = ax[n], ah[n], act[n]
-        xr, xz, xn = x[:H], x[H:2 * H], x[2 * H:3 * H]
-        ar, az, an = a[:H], a[H:2 * H], a[2 * H:3 * H]
-        orr, oz, on, oa = o[:H], o[H:2 * H], o[2 * H:3 * H], o[3 * H:4 * H]
-        hp, hn = h[n], hout[n]
-        for j in range(H):
+        xr, xz, xn = x[j0:j1], x[H + j0:H + j1], x[2 * H + j0:2 * H + j1]
+        ar, az, an = a[j0:j1], a[H + j0:H + j1], a[2 * H + j0:2 * H + j1]
+        orr, oz = o[j0:j1], o[H + j0:H + j1]
+        on, oa = o[2 * H + j0:2 * H + j1], o[3 * H + j0:3 * H + j1]
+        hp, hn = h[n, j0:j1], hout[n, j0:j1]
+        for j in range(j1 - j0):
             r = act_sigmoid(xr[j] + ar[j])
             z = act_sigmoid(xz[j] + az[j])
             ahn = an[j]

@@ -171,7 +171,7 @@ def _lstm_recur_by_units(hs, cs, acts, Whh, bias, nc):
                              bias, cs[t], H, j0, j1)
 
 
-@njit(**PJIT)
+@njit(**JIT)
 def lstm_forward(hs, cs, acts, x, Wih, Whh, bih, bhh, parts=1):
     """Run T steps. hs, cs (T+1, N, H) with hs[0], cs[0] the initial state;
     acts (T, N, 4H) out; x (T, N, D); parts: how many threads share the work.
@@ -265,7 +265,7 @@ def _lstm_backrecur_by_units(dh0, dc0, dacts, dhs, cs, acts, Whh, nc):
         dc0[:, j0:j1] += dc[c, :N * w].reshape(N, w)
 
 
-@njit(**PJIT)
+@njit(**JIT)
 def lstm_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
                   dhs, hs, cs, acts, x, Wih, Whh, parts=1):
     """Backpropagation through the T steps of lstm_forward.

@@ -6,36 +6,61 @@ lstm 4), P prime length, K tokens to generate.
 One sampler serves every cell: ``cell`` is 0 (rnn), 1 (gru) or 2 (lstm) and
 selects the cell's element-wise step (the same functions the sequence kernels
 use). Batch 1 needs matrix-vector products, not BLAS matrix products: the
-weights are passed transposed (pack()) so each product is a sum of contiguous
-rows scaled by one input each, which vectorises and stays in cache.
+weights are passed transposed and split by hidden units between threads
+(pack()) so each product is a sum of contiguous rows scaled by one input each,
+which vectorises, and each thread streams only its share.
 """
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from .common import JIT, act_tanh, draw_token
+from .common import JIT, PJIT, act_tanh, chunk, draw_token
 from .gru import _gru_cell
 from .lstm import _lstm_cell
 
 CELL_CODES = {"rnn": 0, "gru": 1, "lstm": 2}
 
 
-def pack(params: dict, layers: int, dtype=None) -> tuple:
-    """Parameters by model name -> the arrays stack_sample takes, weights transposed
-    so that every matrix-vector product runs along contiguous rows:
+def unit_split(H: int, parts: int) -> int:
+    """How many threads share a layer's units when sampling: at most parts, at
+    least 16 units each (the same rule as lstm.unit_parts)."""
+    return max(1, min(parts, H // 16))
 
-    emb (V, E); WihT0 (E, GH) = W_ih_l0^T; WihT_rest (max(L-1, 1), H, GH);
-    WhhT (L, H, GH); bih, bhh (L, GH); WoutT (H, V); bout (V,).
+
+def pack(params: dict, layers: int, dtype=None, parts: int = 1) -> tuple:
+    """Parameters by model name -> the arrays stack_sample takes. The recurrent
+    weights are transposed, so every matrix-vector product runs along contiguous
+    rows, and split by hidden units into P = unit_split(H, parts) parts: part p
+    holds the columns of its units [j0, j1) of every gate, gate blocks of w =
+    j1 - j0 columns side by side (the layout the cells expect with H = w), so
+    each thread streams only its own contiguous share of the weights.
+
+    emb (V, E); WihT0 (P, E, G wmax); WihT_rest (max(L-1, 1), P, H, G wmax);
+    WhhT (L, P, H, G wmax); bih, bhh (L, P, G wmax); WoutT (H, V); bout (V,).
     """
     L = layers
     dt = dtype or params["embedding.weight"].dtype
-    c = lambda a: np.ascontiguousarray(a, dtype=dt)
     GH, H = params["rnn.weight_hh_l0"].shape
-    rest = [params[f"rnn.weight_ih_l{k}"].T for k in range(1, L)] or [np.zeros((H, GH))]
-    return (c(params["embedding.weight"]), c(params["rnn.weight_ih_l0"].T), c(np.stack(rest)),
-            c(np.stack([params[f"rnn.weight_hh_l{k}"].T for k in range(L)])),
-            c(np.stack([params[f"rnn.bias_ih_l{k}"] for k in range(L)])),
-            c(np.stack([params[f"rnn.bias_hh_l{k}"] for k in range(L)])),
-            c(params["decoder.weight"].T), c(params["decoder.bias"]))
+    G = GH // H
+    P = unit_split(H, parts)
+    wmax = -(-H // P)
+
+    def split(WT):  # (D, GH) -> (P, D, G wmax)
+        out = np.zeros((P, WT.shape[0], G * wmax), dtype=dt)
+        for p in range(P):
+            j0, j1 = p * H // P, (p + 1) * H // P
+            w = j1 - j0
+            for g in range(G):
+                out[p, :, g * w:(g + 1) * w] = WT[:, g * H + j0:g * H + j1]
+        return out
+
+    rest = [split(params[f"rnn.weight_ih_l{k}"].T) for k in range(1, L)] or [np.zeros((P, H, G * wmax), dt)]
+    return (np.ascontiguousarray(params["embedding.weight"], dtype=dt),
+            split(params["rnn.weight_ih_l0"].T), np.stack(rest),
+            np.stack([split(params[f"rnn.weight_hh_l{k}"].T) for k in range(L)]),
+            np.stack([split(params[f"rnn.bias_ih_l{k}"][None])[:, 0] for k in range(L)]),
+            np.stack([split(params[f"rnn.bias_hh_l{k}"][None])[:, 0] for k in range(L)]),
+            np.ascontiguousarray(params["decoder.weight"].T, dtype=dt),
+            np.ascontiguousarray(params["decoder.bias"], dtype=dt))
 
 
 @njit(**JIT)
@@ -53,53 +78,101 @@ def _matvec_t(out, x, WT, b):
 
 
 @njit(**JIT)
-def _stack_step(cell, hs, cs, tmp_h, tmp_c, act, ax, ah, token, emb, WihT0, WihT_rest,
-                WhhT, bih, bhh):
-    """Feed one token through all layers, updating hs, cs (L, 1, H) in place."""
-    L, _, H = hs.shape
+def _layer_part(cell, hnew, c, act, ax, ah, inp, hold, WihT, WhhT, bih, bhh, j0, j1):
+    """One layer, one token, the part owning hidden units [j0, j1): its packed
+    weights WihT (D, G wmax), WhhT (H, G wmax), biases (G wmax,) (pack());
+    inp (D,) the layer's input, hold (H,) its previous state. Writes hnew[j0:j1]
+    and c[j0:j1] (H,). ax, ah (1, G wmax) and act (1, 4 wmax): the part's own
+    work space. Padding columns (a part narrower than wmax) are computed and
+    never read."""
+    w = j1 - j0
+    _matvec_t(ax[0], inp, WihT, bih)
+    _matvec_t(ah[0], hold, WhhT, bhh)
+    hn = hnew[j0:j1].reshape((1, w))
+    if cell == 0:
+        for j in range(w):
+            hn[0, j] = act_tanh(ax[0, j] + ah[0, j])
+    elif cell == 1:
+        _gru_cell(hn, act, ax, ah, hold[j0:j1].reshape((1, w)), w)
+    else:
+        ax += ah
+        cc = c[j0:j1].reshape((1, w))
+        _lstm_cell(hn, cc, ax, cc, w, 0, w)
+
+
+@njit(**PJIT)
+def _stack_step(cell, hb, cur, cs, act, ax, ah, token, emb, WihT0, WihT_rest, WhhT, bih, bhh):
+    """Feed one token through all layers. hb (2, L, H): hb[cur] is the state
+    before, hb[1 - cur] receives the state after (other threads still read a
+    layer's old h while one writes its new units); cs (L, 1, H) in place. Each
+    layer is split by hidden units between the P threads of the packing; the end
+    of each prange is the barrier the next layer needs."""
+    L = hb.shape[1]
+    H = hb.shape[2]
+    P = WhhT.shape[1]
     for l in range(L):
-        inp = emb[token] if l == 0 else hs[l - 1, 0]
-        _matvec_t(ax[0], inp, WihT0 if l == 0 else WihT_rest[l - 1], bih[l])
-        _matvec_t(ah[0], hs[l, 0], WhhT[l], bhh[l])
-        if cell == 0:
-            for j in range(H):
-                tmp_h[0, j] = act_tanh(ax[0, j] + ah[0, j])
-        elif cell == 1:
-            _gru_cell(tmp_h, act, ax, ah, hs[l], H)
-        else:
-            ax += ah
-            _lstm_cell(tmp_h, tmp_c, ax, cs[l], H, 0, H)
-        hs[l, :, :] = tmp_h
-        if cell == 2:
-            cs[l, :, :] = tmp_c
+        inp = emb[token] if l == 0 else hb[1 - cur, l - 1]
+        for p in prange(P):
+            j0, j1 = chunk(p, P, H)
+            WihT = WihT0[p] if l == 0 else WihT_rest[l - 1, p]
+            _layer_part(cell, hb[1 - cur, l], cs[l, 0], act[p], ax[p], ah[p], inp, hb[cur, l],
+                        WihT, WhhT[l, p], bih[l, p], bhh[l, p], j0, j1)
+
+
+@njit(**PJIT)
+def _decode(logits, h, WoutT, bout, nv):
+    """logits (V,) = bout + h @ WoutT, the vocabulary split between nv threads."""
+    V = logits.shape[0]
+    for p in prange(nv):
+        v0, v1 = chunk(p, nv, V)
+        o = logits[v0:v1]
+        b = bout[v0:v1]
+        for k in range(v1 - v0):
+            o[k] = b[k]
+        for d in range(h.shape[0]):
+            hd = h[d]
+            row = WoutT[d, v0:v1]
+            for k in range(v1 - v0):
+                o[k] += hd * row[k]
 
 
 @njit(**JIT)
 def stack_sample(out, hs, cs, prime, uniforms, cell, emb, WihT0, WihT_rest, WhhT,
-                 bih, bhh, WoutT, bout, temperature, top_k, greedy):
+                 bih, bhh, WoutT, bout, temperature, top_k, greedy, parts=1):
     """Feed prime (P,) ids (P >= 1), then generate K = out.shape[0] tokens into out.
 
     hs, cs (L, 1, H) state in/out (cs unused for rnn/gru). uniforms (K,) in
-    [0, 1) drawn by the caller. The weights as pack() lays them out. After the
+    [0, 1) drawn by the caller. The weights as pack() lays them out; the layers
+    are split by hidden units between as many threads as pack() made parts, and
+    the decoder by vocabulary between up to `parts` threads (at least 64 words
+    each). Batch 1 streams every weight once per token, so two cores bring twice
+    the cache bandwidth. The result does not depend on either split. After the
     call the state has consumed prime and out[:-1], so the next call continues
     with prime = out[-1:].
     """
     L, _, H = hs.shape
     V = emb.shape[0]
-    GH = WhhT.shape[2]
-    tmp_h = np.empty((1, H), dtype=hs.dtype)
-    tmp_c = np.zeros((1, H), dtype=hs.dtype)
-    ax = np.empty((1, GH), dtype=hs.dtype)
-    ah = np.empty((1, GH), dtype=hs.dtype)
-    act = np.empty((1, 4 * H if cell == 1 else GH), dtype=hs.dtype)  # gru keeps 4H
+    P = WhhT.shape[1]
+    Gw = WhhT.shape[3]
+    wmax = -(-H // P)
+    nv = max(1, min(parts, V // 64))
+    hb = np.empty((2, L, H), dtype=hs.dtype)
+    hb[0] = hs[:, 0]
+    cur = 0
+    ax = np.empty((P, 1, Gw), dtype=hs.dtype)
+    ah = np.empty((P, 1, Gw), dtype=hs.dtype)
+    act = np.empty((P, 1, 4 * wmax), dtype=hs.dtype)  # gru keeps 4 blocks
     logits = np.empty(V, dtype=hs.dtype)
     scratch = np.empty(V, dtype=np.float64)
     for p in range(prime.shape[0]):
-        _stack_step(cell, hs, cs, tmp_h, tmp_c, act, ax, ah, prime[p], emb, WihT0, WihT_rest, WhhT, bih, bhh)
+        _stack_step(cell, hb, cur, cs, act, ax, ah, prime[p], emb, WihT0, WihT_rest, WhhT, bih, bhh)
+        cur = 1 - cur
     K = out.shape[0]
     for k in range(K):
-        _matvec_t(logits, hs[L - 1, 0], WoutT, bout)
+        _decode(logits, hb[cur, L - 1], WoutT, bout, nv)
         tok = draw_token(logits, temperature, top_k, greedy, uniforms[k], scratch)
         out[k] = tok
         if k + 1 < K:
-            _stack_step(cell, hs, cs, tmp_h, tmp_c, act, ax, ah, tok, emb, WihT0, WihT_rest, WhhT, bih, bhh)
+            _stack_step(cell, hb, cur, cs, act, ax, ah, tok, emb, WihT0, WihT_rest, WhhT, bih, bhh)
+            cur = 1 - cur
+    hs[:, 0] = hb[cur]
