@@ -343,18 +343,24 @@ class Batches:
 
 def eval_windows(ids: np.ndarray, seq_len: int, streams: int):
     """Cut ids into `streams` contiguous parts scored side by side (state reset at
-    each part); yield (x, y) windows of at most seq_len steps, carrying state in between.
-    Every target position of ids[1:] inside the parts is scored once."""
+    each part); yield (x, y) windows of at most seq_len steps, carrying state in
+    between. Every target of ids[1:] is scored exactly once: the parts have
+    ceil(n / streams) targets and the last one(s) are padded with target -1
+    (not scored; input 0)."""
     n = len(ids) - 1
     if n < 1:
         return
     S = max(1, min(streams, n // max(1, seq_len)))
-    L = n // S
+    L = -(-n // S)
     offs = np.arange(S) * L
     for start in range(0, L, seq_len):
         T = min(seq_len, L - start)
-        idx = offs[None, :] + start + np.arange(T)[:, None]
-        yield ids[idx].astype(np.int32), ids[idx + 1].astype(np.int32)
+        pos = offs[None, :] + start + np.arange(T)[:, None]  # (T, S) input positions
+        valid = pos < n
+        # int32 before the -1: ids are often uint8/uint16 (a memory map), where -1 would wrap
+        x = np.where(valid, ids[np.minimum(pos, n - 1)].astype(np.int32), 0)
+        y = np.where(valid, ids[np.minimum(pos + 1, n)].astype(np.int32), -1)
+        yield x.astype(np.int32), y.astype(np.int32)
 
 
 # ----------------------------------------------------------------- corpora on disk

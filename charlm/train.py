@@ -44,9 +44,9 @@ def evaluate(model, ids: np.ndarray, seq_len: int, streams: int) -> float:
     for x, y in eval_windows(ids, seq_len, streams):
         if state is None or state.h.shape[1] != x.shape[1]:
             state = model.zero_state(x.shape[1])
-        loss, state = model.loss(x, y, state)
+        loss, state = model.loss(x, y, state)  # the mean over y.size; padding (-1) adds nothing
         total += loss * y.size
-        count += y.size
+        count += int((y >= 0).sum())
     return total / count if count else float("nan")
 
 

@@ -321,3 +321,26 @@ def test_check_params_rejects_mixed_or_integer_dtypes():
     params = {n: p.astype(np.int32) for n, p in params.items()}
     with pytest.raises(CharlmError):
         check_params(cfg, params)
+
+
+@pytest.mark.parametrize("n, seq_len, streams", [(102, 7, 4), (66, 5, 3), (45, 4, 8), (64, 5, 3), (40, 3, 1)])
+def test_validation_loss_counts_every_target_once(n, seq_len, streams):
+    """train.evaluate: the mean over all n - 1 targets, each part from the zero
+    state (including the last targets when the parts do not divide the text)."""
+    from charlm.data import eval_windows
+    from charlm.train import evaluate
+    cfg = ModelConfig(cell="lstm", vocab_size=11, embed=4, hidden=6, layers=1)
+    m = Model.create(cfg, seed=3, dtype=np.float64)
+    ids = np.random.default_rng(n).integers(0, 11, n).astype(np.uint8)  # as the token files store them
+    got = evaluate(m, ids, seq_len, streams)
+    S = next(eval_windows(ids, seq_len, streams))[0].shape[1]
+    L = -(-(n - 1) // S)
+    total = 0.0
+    for s in range(S):  # each part alone, one window, from the zero state
+        a, b = s * L, min((s + 1) * L, n - 1)
+        if a >= b:
+            continue
+        lp, _ = m.token_logprobs(ids[a:b, None].astype(np.int32), ids[a + 1:b + 1, None].astype(np.int32),
+                                 m.zero_state(1))
+        total -= lp.sum()
+    assert got == pytest.approx(total / (n - 1), rel=1e-12)
