@@ -174,6 +174,8 @@ def train(
     Shows a progress bar with train loss, validation bits per character, tokens/s and ETA; samples at each
     evaluation; a summary table and a final sample at the end. Ctrl-C stops after the current step and saves.
     """
+    from ._entry import gc_on
+    gc_on()  # a long run: the cyclic collector back on (off for start-up)
     from . import checkpoint
     from .config import ModelConfig, TrainConfig
     from .data import check_text_file, default_corpus, iter_text, read_text

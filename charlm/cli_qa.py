@@ -94,6 +94,8 @@ def train_cmd(
     With --json: one object per epoch {"event": "epoch", "epoch", "phase", "train_loss", "train_acc",
     "val_loss", "val_acc", "lr", "seconds"} and a last {"event": "done", ..., "checkpoint"}.
     """
+    from ._entry import gc_on
+    gc_on()  # a long run: the cyclic collector back on (off for start-up)
     from .cli import _limit_threads, _run_dir_name, _StopFlag, err, fail, out
     from .qa import babi
     from .qa.train import train
@@ -283,6 +285,8 @@ def babi_cmd(
     "epochs", "seconds", "ref_lstm", "ref_memnn", "ref_memn2n"}], "mean_error_pct", "failed", "n_tasks",
     "seconds", "encoder", "runs", "hops", "supervise_facts", "reference"}.
     """
+    from ._entry import gc_on
+    gc_on()  # a long run: the cyclic collector back on (off for start-up)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 

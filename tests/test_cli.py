@@ -347,3 +347,37 @@ def test_eval_counts_an_eos_for_a_last_line_without_newline(run_cli, tmp_path):
     b = json.loads(ok(run_cli("eval", "b.txt", "--model", "run", "--json")).stdout)
     assert a["n_tokens"] == b["n_tokens"] == len("the end of it\nand more\n")
     assert a["logprob"] == b["logprob"]
+
+
+def test_entry_point_starts_without_the_cyclic_gc_and_train_turns_it_back_on(run_cli, monkeypatch):
+    """charlm._entry.main (the console script and python -m charlm) runs the CLI with the
+    collector off (start-up speed); training, a long run, turns it back on."""
+    import gc
+
+    from charlm import _entry
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda: seen.append(gc.isenabled()))
+    try:
+        _entry.main()
+        assert seen == [False]
+        ok(run_cli("train", TINY, *TRAIN_TINY, "--steps", "1", "--out", "run", "--json"))
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_gc_on_freezes_start_up_objects_once():
+    import gc
+
+    from charlm import _entry
+    gc.disable()
+    try:
+        before = gc.get_freeze_count()
+        _entry.gc_on()
+        assert gc.isenabled() and gc.get_freeze_count() > before
+        n = gc.get_freeze_count()
+        _entry.gc_on()  # already on: nothing more frozen
+        assert gc.get_freeze_count() == n
+    finally:
+        gc.enable()
+        gc.unfreeze()
