@@ -43,9 +43,10 @@ _CELL_KERNELS = {
 @contextmanager
 def compute_threads(n: int | None = None):
     """Run the kernels on n threads (default: every core). Numba splits the work
-    (recurrences by batch rows, whole-window products by time) and every BLAS call
-    stays single-threaded: a BLAS thread waiting for a core that is busy elsewhere
-    would otherwise stall every time step."""
+    (LSTM time loops by hidden units, GRU/RNN ones by batch rows, whole-window
+    products by time or rows) and every BLAS call stays single-threaded: a BLAS
+    thread waiting for a core that is busy elsewhere would otherwise stall every
+    time step."""
     load_blas()  # load the BLAS Numba calls now, so that the limit reaches it
     from threadpoolctl import threadpool_limits
     n = n or numba.config.NUMBA_NUM_THREADS

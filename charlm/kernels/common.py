@@ -96,8 +96,9 @@ def sigmoid_kernel(out, x):
 # ------------------------------------------------------------ parallel building blocks
 # Two cores are used by splitting work between threads (numba prange) with each
 # BLAS call single-threaded, rather than letting BLAS split every small per-step
-# product: recurrences are split by batch rows (no synchronisation inside the
-# time loop), whole-window products by time. The caller keeps BLAS at one thread
+# product: GRU/RNN recurrences are split by batch rows (no synchronisation inside
+# the time loop), the LSTM's by hidden units (a barrier per step, larger products:
+# see lstm.py), whole-window products by time or rows. The caller keeps BLAS at one thread
 # and passes parts = the number of threads (kernels read no globals: Numba's
 # get_num_threads() would also make them uncacheable).
 PJIT = dict(JIT, parallel=True)
