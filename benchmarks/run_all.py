@@ -44,6 +44,16 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def paired_medians(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Median wall time of each side, the two timed alternately (ours, theirs, ours, ...) so
+    that a slow spell of this shared machine hits both sides rather than one."""
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(median_time(ours, 1))
+        b.append(median_time(theirs, 1))
+    return statistics.median(a), statistics.median(b)
+
+
 def train_flops_per_token(cell: str, V: int, E: int, H: int, L: int) -> float:
     """Multiply-adds x 2 of one training step per token: forward 2GH(D+H) per layer,
     backward twice that; decoder 6HV (the embedding is a lookup)."""
@@ -148,12 +158,9 @@ def bench_train(torch, repeats, quick, ceiling):
         steps = 3 if quick else (5 if H >= 512 or V > 1000 else 10)
         ours = ours_train(cell, V, E, H, L, N, T, opt, clip, steps)
         theirs = torch_train(torch, cell, V, E, H, L, N, T, opt, clip, steps)
-        t_ours, t_theirs = [], []
-        for _ in range(repeats):  # interleaved, so drift in machine load hits both sides
-            t_ours.append(median_time(ours, 1))
-            t_theirs.append(median_time(theirs, 1))
+        t_ours, t_theirs = paired_medians(ours, theirs, repeats)
         tok = steps * N * T
-        a, b = tok / statistics.median(t_ours), tok / statistics.median(t_theirs)
+        a, b = tok / t_ours, tok / t_theirs
         gflops = a * train_flops_per_token(cell, V, E, H, L) / 1e9
         rows.append({"work": f"train {name}", "ours": a, "pytorch": b, "unit": "tok/s", "ratio": a / b,
                      "target": target, "gflops": gflops, "ceiling_frac": gflops / ceiling})
@@ -171,7 +178,6 @@ def bench_sample(torch, repeats, quick):
         n = 200 if quick else 1000
         m = Model.create(ModelConfig(cell="lstm", vocab_size=V, embed=E, hidden=H, layers=2), seed=0)
         "".join(generate(m, vocab, 10, seed=0))
-        t_ours = median_time(lambda: "".join(generate(m, vocab, n, seed=0, chunk=256)), repeats)
         emb = torch.nn.Embedding(V, E)
         cells = [torch.nn.LSTMCell(E, H), torch.nn.LSTMCell(H, H)]
         dec = torch.nn.Linear(H, V)
@@ -188,7 +194,8 @@ def bench_sample(torch, repeats, quick):
                     p = torch.softmax(dec(x) / 0.8, -1)
                     tok = torch.multinomial(p, 1)[0]
         torch_loop()
-        t_theirs = median_time(torch_loop, repeats)
+        t_ours, t_theirs = paired_medians(lambda: "".join(generate(m, vocab, n, seed=0, chunk=256)), torch_loop,
+                                          repeats)
         rows.append({"work": f"sample batch 1, LSTM 2x{H}", "ours": n / t_ours, "pytorch": n / t_theirs,
                      "unit": "tok/s", "ratio": t_theirs / t_ours, "target": 5.0,
                      "note": "PyTorch: LSTMCell loop, its fastest batch-1 path"})
@@ -214,7 +221,6 @@ def bench_score(torch, repeats, quick):
     rows = []
     for K in (1, 64):
         evaluate_text(m, vocab, text[:2000], streams=K)
-        t_ours = median_time(lambda: evaluate_text(m, vocab, text, streams=K), repeats)
 
         def torch_eval():
             with torch.no_grad():
@@ -227,7 +233,7 @@ def bench_score(torch, repeats, quick):
                     lp = torch.log_softmax(dec(out), -1)
                     total += lp.sum().item() * 0  # same work as gathering the targets
         torch_eval()
-        t_theirs = median_time(torch_eval, repeats)
+        t_ours, t_theirs = paired_medians(lambda: evaluate_text(m, vocab, text, streams=K), torch_eval, repeats)
         rows.append({"work": f"score {n_chars // 1000}k chars, LSTM 2x512, {K} stream{'s' if K > 1 else ''}",
                      "ours": n_chars / t_ours, "pytorch": n_chars / t_theirs, "unit": "tok/s",
                      "ratio": t_theirs / t_ours, "target": 1.5 if K == 1 else 1.0})
