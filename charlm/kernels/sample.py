@@ -119,21 +119,27 @@ def _stack_step(cell, hb, cur, cs, act, ax, ah, token, emb, WihT0, WihT_rest, Wh
                         WihT, WhhT[l, p], bih[l, p], bhh[l, p], j0, j1)
 
 
+@njit(**JIT)
+def _decode_range(logits, h, WoutT, bout, v0, v1):
+    """logits[v0:v1] = bout[v0:v1] + h @ WoutT[:, v0:v1]."""
+    o = logits[v0:v1]
+    b = bout[v0:v1]
+    for k in range(v1 - v0):
+        o[k] = b[k]
+    for d in range(h.shape[0]):
+        hd = h[d]
+        row = WoutT[d, v0:v1]
+        for k in range(v1 - v0):
+            o[k] += hd * row[k]
+
+
 @njit(**PJIT)
 def _decode(logits, h, WoutT, bout, nv):
     """logits (V,) = bout + h @ WoutT, the vocabulary split between nv threads."""
     V = logits.shape[0]
     for p in prange(nv):
         v0, v1 = chunk(p, nv, V)
-        o = logits[v0:v1]
-        b = bout[v0:v1]
-        for k in range(v1 - v0):
-            o[k] = b[k]
-        for d in range(h.shape[0]):
-            hd = h[d]
-            row = WoutT[d, v0:v1]
-            for k in range(v1 - v0):
-                o[k] += hd * row[k]
+        _decode_range(logits, h, WoutT, bout, v0, v1)
 
 
 @njit(**JIT)
@@ -169,7 +175,10 @@ def stack_sample(out, hs, cs, prime, uniforms, cell, emb, WihT0, WihT_rest, WhhT
         cur = 1 - cur
     K = out.shape[0]
     for k in range(K):
-        _decode(logits, hb[cur, L - 1], WoutT, bout, nv)
+        if nv > 1:
+            _decode(logits, hb[cur, L - 1], WoutT, bout, nv)
+        else:  # a small vocabulary: not worth a parallel launch (about 2 us)
+            _decode_range(logits, hb[cur, L - 1], WoutT, bout, 0, V)
         tok = draw_token(logits, temperature, top_k, greedy, uniforms[k], scratch)
         out[k] = tok
         if k + 1 < K:
