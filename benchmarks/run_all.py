@@ -357,7 +357,8 @@ def main() -> int:
     # (this limits only the BLAS that NumPy/SciPy load; PyTorch keeps its own --threads)
     with compute_threads(args.threads):
         if args.only in (None, "train"):
-            rows += bench_train(torch, repeats, args.quick, ceiling)
+            # training rows are quick (about 35 s in all): more pairs for a steadier median
+            rows += bench_train(torch, 2 * repeats - 1, args.quick, ceiling)
         if args.only in (None, "sample"):
             rows += bench_sample(torch, repeats, args.quick)
         if args.only in (None, "score"):
