@@ -76,14 +76,14 @@ def main() -> int:
                 p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"], parts), a.repeats)))
         top = ws.hs[-1][1:].reshape(T * N, a.hidden)
         rows.append(("  decoder forward", timed(lambda: common.linear_forward(ws.logits, top, p["decoder.weight"],
-                                                                           p["decoder.bias"]), a.repeats)))
+                                                                           p["decoder.bias"], parts), a.repeats)))
         tg = y.reshape(-1)
-        rows.append(("  softmax + cross-entropy", timed(lambda: common.softmax_xent_forward(ws.logits, ws.logits, tg),
+        rows.append(("  softmax + cross-entropy", timed(lambda: common.softmax_xent_forward(ws.logits, ws.logits, tg, parts),
                                                          a.repeats)))
         d = ws.dhs[-1].reshape(T * N, a.hidden)
         rows.append(("  decoder backward", timed(lambda: common.linear_backward(d, grads["decoder.weight"],
                                                                              grads["decoder.bias"], ws.logits, top,
-                                                                             p["decoder.weight"]), a.repeats)))
+                                                                             p["decoder.weight"], parts), a.repeats)))
         rows.append(("gradient norm", timed(lambda: grad_norm(grads), a.repeats)))
         rows.append(("Adam step", timed(lambda: opt.step(m.params, grads, 1e-9), a.repeats)))
     step = total + rows[-1][1] + rows[-2][1]

@@ -1,7 +1,7 @@
 """charlm against PyTorch on this machine, side by side in one process; writes BENCHMARKS.md.
 
     pip install ".[bench]"
-    python benchmarks/run_all.py                 # the whole suite (about 15 minutes)
+    python benchmarks/run_all.py                 # the whole suite (about 5 minutes)
     python benchmarks/run_all.py --quick         # fewer repeats, for a first look
     python benchmarks/run_all.py --only train    # one section: gemm, train, sample, score, startup
 

@@ -323,6 +323,28 @@ def test_fast_tanh_and_sigmoid_error_is_bounded():
     assert np.max(np.abs(approx - np.tanh(grid))) < 2.5e-8
 
 
+def test_fast_exp_error_is_bounded():
+    """float32 softmax rows use a vectorisable exp (exact np.exp on float64)."""
+    x = np.concatenate([np.linspace(-87.0, 0.0, 1_000_001), [-0.0, -1e-30, -86.99]])
+    for dtype, tol in ((np.float32, 2.6e-7), (np.float64, 1e-15)):
+        xs = x.astype(dtype)
+        out = np.empty_like(xs)
+        total = common.exp_shifted_kernel(out, xs, dtype(0.0))
+        exact = np.exp(xs.astype(np.float64))
+        assert np.max(np.abs(out - exact) / exact) < tol, dtype
+        assert total == pytest.approx(exact.sum(), rel=1e-6)
+        # the shift: exp(x - mx), with mx >= max(x)
+        row = np.array([3.0, 1.5, -2.0], dtype)
+        shifted = np.empty_like(row)
+        common.exp_shifted_kernel(shifted, row, dtype(3.0))
+        np.testing.assert_allclose(shifted, np.exp(row.astype(np.float64) - 3.0), rtol=tol)
+    out = np.empty(5, np.float32)
+    common.exp_shifted_kernel(out, np.array([-1e4, -np.inf, -88.0, np.nan, 0.0], np.float32), np.float32(0.0))
+    assert (out[:3] >= 0).all() and (out[:3] < 2e-38).all()  # far below: (almost) zero, never negative
+    assert np.isnan(out[3])  # a diverging model must stay visible (the loss's NaN guard)
+    assert out[4] == 1.0
+
+
 # ------------------------------------------------------------------ common: linear, embedding
 def test_linear_forward_and_backward(rng):
     M, Din, K = 6, 4, 7

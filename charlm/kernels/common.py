@@ -79,6 +79,72 @@ def _act_sigmoid(x):
     return lambda x: 1.0 / (1.0 + np.exp(-x))
 
 
+# exp(x) in float32 for x <= 0 (softmax rows, after subtracting the maximum): Cody-Waite
+# reduction x = k ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor polynomial for e^r, and 2^k
+# built from its exponent bits in an int32 buffer viewed as float32. Arguments below -87
+# give exp(-87) ~ 1.6e-38 (absolute error under 2e-38). Max relative error 2.5e-7 (bounded
+# in tests/test_kernels.py). Vectorises, which np.exp does not in this Numba build: the
+# softmax of a training step went from 0.46 to 0.20 ms for 2048 x 65.
+_E = dict(log2e=np.float32(1.4426950408889634), magic=np.float32(12582912.0),  # 1.5 * 2**23
+          ln2hi=np.float32(0.693359375), ln2lo=np.float32(-2.12194440e-4), lo=np.float32(-87.0),
+          c=tuple(np.float32(1.0 / f) for f in (2.0, 6.0, 24.0, 120.0, 720.0)), one=np.float32(1.0))
+
+
+def exp_shifted(out, x, mx, ibuf):
+    """out[v] = exp(x[v] - mx) for a row x (V,) with mx >= max(x) (out may be x); returns
+    sum(out) as a float64. ibuf (2V,) int32 work space (float32 path). Exact np.exp on
+    float64."""
+    total = 0.0
+    for v in range(x.shape[0]):
+        out[v] = np.exp(x[v] - mx)
+        total += out[v]
+    return total
+
+
+@overload(exp_shifted, jit_options={"error_model": "numpy"})
+def _exp_shifted(out, x, mx, ibuf):
+    if not _is_f32(x.dtype):
+        def exact(out, x, mx, ibuf):
+            total = 0.0
+            for v in range(x.shape[0]):
+                e = np.exp(x[v] - mx)
+                out[v] = e
+                total += e
+            return total
+        return exact
+    log2e, magic, ln2hi, ln2lo, lo, one = (_E[k] for k in ("log2e", "magic", "ln2hi", "ln2lo", "lo", "one"))
+    c2, c3, c4, c5, c6 = _E["c"]
+
+    def fast(out, x, mx, ibuf):
+        # two passes through work space, never reading and writing one array in the same loop:
+        # out is often x itself (softmax in place), and LLVM vectorises only provably
+        # disjoint reads and writes
+        V = x.shape[0]
+        bits = ibuf[:V]
+        poly = ibuf[V:2 * V].view(np.float32)
+        for v in range(V):
+            t = x[v] - mx
+            t = lo if t < lo else t  # a NaN stays NaN (the divergence guard relies on it)
+            kf = (t * log2e + magic) - magic  # round to nearest, in float32
+            r = (t - kf * ln2hi) - kf * ln2lo
+            poly[v] = one + r * (one + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * c6)))))
+            bits[v] = (np.int32(kf) + 127) << 23  # the bits of 2^k
+        scale = bits.view(np.float32)
+        total = 0.0
+        for v in range(V):
+            e = poly[v] * scale[v]
+            out[v] = e
+            total += e
+        return total
+    return fast
+
+
+@njit(**JIT)
+def exp_shifted_kernel(out, x, mx):
+    """exp_shifted on a flat array: exposes both paths to tests."""
+    return exp_shifted(out, x, mx, np.empty(2 * x.shape[0], dtype=np.int32))
+
+
 @njit(**JIT)
 def tanh_kernel(out, x):
     """out[k] = act_tanh(x[k]) over a flat array: exposes the fast path to tests."""
@@ -140,6 +206,7 @@ def embedding_backward(dtable, dout, ids):
 def _softmax_rows(probs, logits, targets, m0, m1):
     """softmax_xent_forward on rows [m0, m1); returns their summed -log p."""
     V = logits.shape[1]
+    ibuf = np.empty(2 * V, dtype=np.int32)
     total = 0.0
     for m in range(m0, m1):
         mx = logits[m, 0]
@@ -148,11 +215,7 @@ def _softmax_rows(probs, logits, targets, m0, m1):
                 mx = logits[m, v]
         t = targets[m]
         target_logit = logits[m, t] if t >= 0 else mx
-        s = 0.0
-        for v in range(V):
-            e = np.exp(logits[m, v] - mx)
-            probs[m, v] = e
-            s += e
+        s = exp_shifted(probs[m], logits[m], mx, ibuf)
         inv = 1.0 / s
         for v in range(V):
             probs[m, v] *= inv
