@@ -688,3 +688,23 @@ def test_stack_sample_does_not_depend_on_the_thread_split(cell, parts, rng):
     np.testing.assert_array_equal(results[0][1], results[1][1])
     np.testing.assert_array_equal(results[0][2], results[1][2])
     assert len(set(results[0][0].tolist())) > 5  # a real draw, not a constant
+
+
+def test_small_rows_cuts_products_at_openblas_small_matrix_size():
+    assert lstm.small_rows(512, 256, 32) == 64       # 64 x 256 x 32 = 524k <= 1e6 < 128 x 256 x 32
+    assert lstm.small_rows(256, 512, 32) == 32
+    assert lstm.small_rows(1024, 512, 64) == 16
+    assert lstm.small_rows(40, 64, 8) == 40          # small enough whole
+    assert lstm.small_rows(512, 4096, 64) == 512     # even 16 rows too big: one product
+    for M, K, N in [(512, 256, 32), (1024, 512, 64), (300, 200, 20)]:
+        r = lstm.small_rows(M, K, N)
+        assert r == M or (r >= 16 and r * K * N <= 1_000_000 < 2 * r * K * N)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 37, 64, 200])
+def test_dot_rows_matches_one_product(rows, rng):
+    A = rng.standard_normal((100, 24)).astype(np.float32)
+    B = rng.standard_normal((24, 7)).astype(np.float32)
+    out = np.full((100, 7), np.nan, np.float32)
+    lstm.dot_rows(A, B, out, rows)
+    np.testing.assert_allclose(out, A @ B, rtol=1e-5, atol=1e-5)
