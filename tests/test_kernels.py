@@ -708,3 +708,21 @@ def test_dot_rows_matches_one_product(rows, rng):
     out = np.full((100, 7), np.nan, np.float32)
     lstm.dot_rows(A, B, out, rows)
     np.testing.assert_allclose(out, A @ B, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_stack_sample_input_table_gives_the_same_tokens(cell, rng, monkeypatch):
+    """pack() precomputes the first layer's input product per vocabulary entry for a small
+    vocabulary; sampling with it must give exactly what computing it per token gives."""
+    L = 2
+    params = stack_params(cell, L, rng)
+    h0, c0 = initial_state(cell, L, rng)
+    u = rng.random(30)
+    with_table = sample.pack(params, L, np.float32, parts=2)
+    monkeypatch.setattr(sample, "TABLE_MAX_MACS", 0)
+    without = sample.pack(params, L, np.float32, parts=2)
+    assert with_table[-1].shape[1] == V and without[-1].shape[1] == 0
+    outs = [run_sample(cell, arrays, h0.astype(np.float32), c0.astype(np.float32), [3, 0, 6], u, 30)
+            for arrays in (with_table, without)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert len(set(outs[0].tolist())) > 2
