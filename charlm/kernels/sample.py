@@ -73,7 +73,7 @@ def pack(params: dict, layers: int, dtype=None, parts: int = 1) -> tuple:
 # The first layer's input product of a token is a fixed vector per vocabulary entry. For a
 # small vocabulary pack() computes them all once (table (P, V, G wmax)): sampling then
 # reads one row per token instead of the E x 4H input weights (a 2x256 character LSTM:
-# 0.13 MB of the 1.15 MB each of two threads streams per token). Computed by _matvec_t,
+# 0.13 MB of the 1.66 MB each of two threads streams per token). Computed by _matvec_t,
 # so every value is bit for bit the per-token product's. Build cost V E 4H multiply-adds,
 # kept to about 20 ms; a word model's vocabulary skips it.
 TABLE_MAX_MACS = 32_000_000
