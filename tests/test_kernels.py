@@ -726,3 +726,33 @@ def test_stack_sample_input_table_gives_the_same_tokens(cell, rng, monkeypatch):
             for arrays in (with_table, without)]
     np.testing.assert_array_equal(outs[0], outs[1])
     assert len(set(outs[0].tolist())) > 2
+
+
+@pytest.mark.parametrize("H_", [16, 37, 70])
+@pytest.mark.parametrize("N_", [1, 3])
+def test_lstm_loops_by_units_match_the_plain_loops(H_, N_, rng):
+    """From 16 units lstm_forward / lstm_backward run their time loops split by hidden units
+    (one part on one thread); the plain loops (used below 16 units, and gradient-checked
+    above) are the reference: every part count gives their result in float64."""
+    T_ = 5
+    Whh = rng.standard_normal((4 * H_, H_)) * 0.3
+    bias = rng.standard_normal(4 * H_) * 0.1
+    pre = rng.standard_normal((T_, N_, 4 * H_))
+    dhs = rng.standard_normal((T_, N_, H_))
+
+    def run(fwd, bwd, *nc):
+        hs = np.zeros((T_ + 1, N_, H_)); cs = np.zeros((T_ + 1, N_, H_))
+        hs[0] = 0.2; cs[0] = -0.3
+        acts = pre.copy()
+        fwd(hs, cs, acts, Whh, bias, *nc)
+        dacts = np.zeros((T_, N_, 4 * H_))
+        dh0 = np.full((N_, H_), 0.5); dc0 = np.full((N_, H_), -0.5)  # added into
+        bwd(dh0, dc0, dacts, dhs, cs, acts, Whh, *nc)
+        return hs, cs, acts, dacts, dh0, dc0
+
+    plain = run(lstm._lstm_recur_plain, lstm._lstm_backrecur_plain)
+    for nc in (1, 2, 4):
+        if H_ // nc < 16 and nc > 1:
+            continue
+        for a, b in zip(run(lstm._lstm_recur_by_units, lstm._lstm_backrecur_by_units, nc), plain):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -16,7 +16,7 @@ never special-cases t = 0. acts (T, N, 4H) keeps the activated gates.
 import numpy as np
 from numba import njit, prange
 
-from .common import JIT, PJIT, act_sigmoid, act_tanh, chunk, n_parts, proj_backward, proj_forward
+from .common import JIT, PJIT, act_sigmoid, act_tanh, chunk, proj_backward, proj_forward
 
 
 @njit(**JIT)
@@ -70,11 +70,14 @@ def lstm_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
 # With several threads, each step's recurrent product is split by hidden units
 # rather than by batch rows: thread c owns units [j0, j1) of every gate, so it
 # multiplies all N rows by its 4(j1 - j0) rows of W_hh. For N 32, H 256 on two
-# threads that is a 32x256 by 256x512 product per thread (66 us here) instead of
-# 16x256 by 256x1024 (94 us): thin products run far below BLAS's large-matrix
-# speed. The price is a barrier per step (the next step needs all of h): one
-# prange per step, under 1 us with the OpenMP layer. The gate activations are
-# split the same way, so they stay on the thread that computed their inputs.
+# threads that is a 32x256 by 256x512 product per thread (66 us as h W^T)
+# instead of 16x256 by 256x1024 (94 us): thin products run far below BLAS's
+# large-matrix speed. The price is a barrier per step (the next step needs all
+# of h): one prange per step, 1-2 us with the OpenMP layer. The gate activations
+# are split the same way, so they stay on the thread that computed their inputs.
+# The same code with one part is also the fastest single-threaded loop (W h^T in
+# row blocks: 7.9 ms against 10.8 for the plain loop's h W^T, H 256, forward);
+# the plain loops remain for fewer than 16 units and as the tests' reference.
 
 @njit(**JIT)
 def unit_parts(parts, H):
@@ -194,18 +197,24 @@ def lstm_forward(hs, cs, acts, x, Wih, Whh, bih, bhh, parts=1):
     acts (T, N, 4H) out; x (T, N, D); parts: how many threads share the work.
 
     The input projection of the whole window is one product (split by time).
-    With several threads the recurrence is split by hidden units, a barrier per
-    step (_lstm_recur_by_units); with one, a plain loop over time.
+    The recurrence is split by hidden units between threads, a barrier per step
+    (_lstm_recur_by_units; one part with one thread); below 16 units, a plain
+    loop over time.
     """
-    T, N, D = x.shape
     H = hs.shape[2]
-    G4 = 4 * H
     proj_forward(acts, x, Wih, parts)
     bias = bih + bhh
-    nu = unit_parts(parts, H)
-    if nu > 1:
-        _lstm_recur_by_units(hs, cs, acts, Whh, bias, nu)
-        return
+    if H >= 16:
+        _lstm_recur_by_units(hs, cs, acts, Whh, bias, unit_parts(parts, H))
+    else:
+        _lstm_recur_plain(hs, cs, acts, Whh, bias)
+
+
+@njit(**JIT)
+def _lstm_recur_plain(hs, cs, acts, Whh, bias):
+    """The recurrence of lstm_forward as a plain loop over time (h W^T per step)."""
+    T, N, G4 = acts.shape
+    H = hs.shape[2]
     rec = np.empty((N, G4), dtype=acts.dtype)
     for t in range(T):
         np.dot(hs[t], Whh.T, rec)  # (N, 4H)
@@ -334,6 +343,22 @@ def _sum_partials(dh, tmp, part, N, j0, j1):
 
 
 @njit(**JIT)
+def _lstm_backrecur_plain(dh0, dc0, dacts, dhs, cs, acts, Whh):
+    """The backward time loop of lstm_backward as a plain loop (da W_hh per step)."""
+    T, N, G4 = dacts.shape
+    H = G4 // 4
+    dh = np.zeros((N, H), dtype=acts.dtype)
+    dc = np.zeros((N, H), dtype=acts.dtype)
+    for t in range(T - 1, -1, -1):
+        for n in range(N):
+            _lstm_cell_backward(dacts[t, n], dh[n], dc[n], acts[t, n], cs[t, n], cs[t + 1, n],
+                                dhs[t, n], H, 0, H)
+        np.dot(dacts[t], Whh, dh)  # (N, H)
+    dh0 += dh
+    dc0 += dc
+
+
+@njit(**JIT)
 def lstm_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
                   dhs, hs, cs, acts, x, Wih, Whh, parts=1):
     """Backpropagation through the T steps of lstm_forward.
@@ -343,23 +368,14 @@ def lstm_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
     (pre-activation gradients); dacts_h is unused (same signature as gru).
     dhs (T, N, H) is dL/dh_t from above for t = 1..T (gradient beyond the
     window is zero: truncated BPTT). dx of shape (0, 0, 0) skips it.
-    The time loop is split by hidden units as in lstm_forward; the weight
-    gradients are whole-window products after it.
+    The time loop is split by hidden units as in lstm_forward (a plain loop
+    below 16 units); the weight gradients are whole-window products after it.
     """
     T, N, D = x.shape
     H = hs.shape[2]
-    nu = unit_parts(parts, H)
-    if nu > 1:
-        _lstm_backrecur_by_units(dh0, dc0, dacts, dhs, cs, acts, Whh, nu)
+    if H >= 16:
+        _lstm_backrecur_by_units(dh0, dc0, dacts, dhs, cs, acts, Whh, unit_parts(parts, H))
     else:
-        dh = np.zeros((N, H), dtype=hs.dtype)
-        dc = np.zeros((N, H), dtype=hs.dtype)
-        for t in range(T - 1, -1, -1):
-            for n in range(N):
-                _lstm_cell_backward(dacts[t, n], dh[n], dc[n], acts[t, n], cs[t, n], cs[t + 1, n],
-                                    dhs[t, n], H, 0, H)
-            np.dot(dacts[t], Whh, dh)  # (N, H)
-        dh0 += dh
-        dc0 += dc
+        _lstm_backrecur_plain(dh0, dc0, dacts, dhs, cs, acts, Whh)
     proj_backward(dx, dWih, dbih, dacts, x, Wih, parts)
     proj_backward(dx[:0], dWhh, dbhh, dacts, hs[:T], Whh, parts)
