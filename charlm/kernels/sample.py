@@ -15,21 +15,15 @@ from numba import njit, prange
 
 from .common import JIT, PJIT, act_tanh, chunk, draw_token
 from .gru import _gru_cell
-from .lstm import _lstm_cell
+from .lstm import _lstm_cell, unit_parts
 
 CELL_CODES = {"rnn": 0, "gru": 1, "lstm": 2}
-
-
-def unit_split(H: int, parts: int) -> int:
-    """How many threads share a layer's units when sampling: at most parts, at
-    least 16 units each (the same rule as lstm.unit_parts)."""
-    return max(1, min(parts, H // 16))
 
 
 def pack(params: dict, layers: int, dtype=None, parts: int = 1) -> tuple:
     """Parameters by model name -> the arrays stack_sample takes. The recurrent
     weights are transposed, so every matrix-vector product runs along contiguous
-    rows, and split by hidden units into P = unit_split(H, parts) parts: part p
+    rows, and split by hidden units into P = unit_parts(parts, H) parts: part p
     holds the columns of its units [j0, j1) of every gate, gate blocks of w =
     j1 - j0 columns side by side (the layout the cells expect with H = w), so
     each thread streams only its own contiguous share of the weights.
@@ -42,7 +36,7 @@ def pack(params: dict, layers: int, dtype=None, parts: int = 1) -> tuple:
     dt = dtype or params["embedding.weight"].dtype
     GH, H = params["rnn.weight_hh_l0"].shape
     G = GH // H
-    P = unit_split(H, parts)
+    P = int(unit_parts(parts, H))  # as the training loops: at most parts, 16 units or more each
     wmax = -(-H // P)
 
     def split(WT):  # (D, GH) -> (P, D, G wmax)
