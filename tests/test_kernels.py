@@ -756,3 +756,16 @@ def test_lstm_loops_by_units_match_the_plain_loops(H_, N_, rng):
             continue
         for a, b in zip(run(lstm._lstm_recur_by_units, lstm._lstm_backrecur_by_units, nc), plain):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_backward_without_bias_gradient(rng):
+    """db of shape (0,) skips the bias sum (b_ih and b_hh share one); dW and dx unchanged."""
+    M, Din, K = 9, 4, 6
+    x, W, dout = rng.standard_normal((M, Din)), rng.standard_normal((K, Din)), rng.standard_normal((M, K))
+    full = [np.zeros((M, Din)), np.zeros((K, Din)), np.zeros(K)]
+    common.linear_backward(*full, dout, x, W, 2)
+    part = [np.zeros((M, Din)), np.zeros((K, Din)), np.zeros(0)]
+    common.linear_backward(*part, dout, x, W, 2)
+    np.testing.assert_allclose(part[0], full[0], rtol=1e-14)
+    np.testing.assert_allclose(part[1], full[1], rtol=1e-14)
+    np.testing.assert_allclose(full[2], dout.sum(axis=0), rtol=1e-12)

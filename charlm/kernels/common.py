@@ -377,8 +377,9 @@ def linear_forward(out, x, W, b, parts=1):
 
 @njit(**PJIT)
 def linear_backward(dx, dW, db, dout, x, W, parts=1):
-    """Gradients of out = x @ W.T + b. ADDS into dW (K, D), db (K,) and, unless
-    dx has shape (0, 0), dx (M, D). dout (M, K), x (M, D), W (K, D).
+    """Gradients of out = x @ W.T + b. ADDS into dW (K, D) and, unless it has
+    shape (0,), db (K,), and unless dx has shape (0, 0), dx (M, D). dout (M, K),
+    x (M, D), W (K, D).
 
     Rows are split between `parts` threads; each sums its rows into its own
     partial dW and db, added together at the end.
@@ -389,18 +390,21 @@ def linear_backward(dx, dW, db, dout, x, W, parts=1):
     pW = np.empty((nc, K, D), dtype=dW.dtype)  # every part overwrites its own (np.dot out=)
     pb = np.zeros((nc, K), dtype=db.dtype)
     with_dx = dx.shape[0] == M
+    with_db = db.shape[0] == K
     for c in prange(nc):
         m0, m1 = chunk(c, nc, M)
         d2 = dout[m0:m1]
         np.dot(d2.T, x[m0:m1], pW[c])
-        for r in range(m1 - m0):
-            for k in range(K):
-                pb[c, k] += d2[r, k]
+        if with_db:
+            for r in range(m1 - m0):
+                for k in range(K):
+                    pb[c, k] += d2[r, k]
         if with_dx:
             dx[m0:m1] += np.dot(d2, W)
     for c in range(nc):
         dW += pW[c]
-        db += pb[c]
+        if with_db:
+            db += pb[c]
 
 
 @njit(**PJIT)
@@ -417,8 +421,9 @@ def proj_forward(out, x, W, parts=1):
 @njit(**JIT)
 def proj_backward(dx, dW, db, dout, x, W, parts=1):
     """Gradients of out = x @ W.T + b over a window (T, N, .): linear_backward on
-    the (T*N)-row views. ADDS into dW (K, D), db (K,) and, unless dx has shape
-    (0, 0, 0), dx (T, N, D). dout (T, N, K), x (T, N, D), W (K, D)."""
+    the (T*N)-row views. ADDS into dW (K, D), db (K,) unless it has shape (0,),
+    and, unless dx has shape (0, 0, 0), dx (T, N, D). dout (T, N, K), x (T, N, D),
+    W (K, D)."""
     T, N, D = x.shape
     K = W.shape[0]
     dx2 = dx.reshape(T * N, D) if dx.shape[0] == T else dx.reshape(0, 0)

@@ -377,5 +377,9 @@ def lstm_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
         _lstm_backrecur_by_units(dh0, dc0, dacts, dhs, cs, acts, Whh, unit_parts(parts, H))
     else:
         _lstm_backrecur_plain(dh0, dc0, dacts, dhs, cs, acts, Whh)
-    proj_backward(dx, dWih, dbih, dacts, x, Wih, parts)
-    proj_backward(dx[:0], dWhh, dbhh, dacts, hs[:T], Whh, parts)
+    # b_ih and b_hh get the same gradient (both add to the same pre-activations): summed once
+    db = np.zeros_like(dbih)
+    proj_backward(dx, dWih, db, dacts, x, Wih, parts)
+    proj_backward(dx[:0], dWhh, dbhh[:0], dacts, hs[:T], Whh, parts)
+    dbih += db
+    dbhh += db

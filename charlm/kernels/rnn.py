@@ -75,5 +75,9 @@ def rnn_backward(dx, dWih, dWhh, dbih, dbhh, dh0, dc0, dacts, dacts_h,
                     da[n, j] = (dhs[t, n0 + n, j] + dh[n, j]) * (one - h * h)
             np.dot(da, Whh, dh)  # (n, H)
         dh0[n0:n1] += dh
-    proj_backward(dx, dWih, dbih, dacts, x, Wih, parts)
-    proj_backward(dx[:0], dWhh, dbhh, dacts, hs[:T], Whh, parts)
+    # b_ih and b_hh get the same gradient (both add to the same pre-activations): summed once
+    db = np.zeros_like(dbih)
+    proj_backward(dx, dWih, db, dacts, x, Wih, parts)
+    proj_backward(dx[:0], dWhh, dbhh[:0], dacts, hs[:T], Whh, parts)
+    dbih += db
+    dbhh += db
