@@ -3,11 +3,16 @@
 Importing Numba, Typer's pydantic layer and Numba's implementation registries (on the
 first kernel call) creates a few hundred thousand objects, and the collector walking
 them again and again cost about 0.1 s of a 0.8 s `charlm sample` here. Reference
-counting still frees everything that is not in a cycle. Commands that run for long
-(training) call gc_on() once their start-up is over; short ones (sample, score, eval,
-ask) finish without it. Library users and tests importing charlm.cli are untouched.
+counting still frees everything that is not in a cycle. The collector comes back on
+(after gc.freeze, so what start-up created is left out of its passes) when a long
+command starts (training calls gc_on()) and in any case START_UP_S seconds after the
+start, so a long `eval` or `sample` never runs without it. Library users and tests
+importing charlm.cli are untouched.
 """
 import gc
+import threading
+
+START_UP_S = 1.5
 
 
 def gc_on() -> None:
@@ -19,5 +24,11 @@ def gc_on() -> None:
 
 def main() -> None:
     gc.disable()
+    timer = threading.Timer(START_UP_S, gc_on)
+    timer.daemon = True
+    timer.start()
     from .cli import main as cli_main
-    cli_main()
+    try:
+        cli_main()
+    finally:
+        timer.cancel()

@@ -366,6 +366,30 @@ def test_entry_point_starts_without_the_cyclic_gc_and_train_turns_it_back_on(run
         gc.enable()
 
 
+def test_entry_point_turns_the_gc_back_on_after_start_up(monkeypatch):
+    """A long command that never calls gc_on (eval of a big file) still gets the collector
+    back after START_UP_S seconds."""
+    import gc
+    import time
+
+    from charlm import _entry
+    monkeypatch.setattr(_entry, "START_UP_S", 0.05)
+    seen = []
+
+    def slow_command():
+        seen.append(gc.isenabled())
+        deadline = time.monotonic() + 30.0  # generous: only the timer thread has to run
+        while not gc.isenabled() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(gc.isenabled())
+    monkeypatch.setattr(cli, "main", slow_command)
+    try:
+        _entry.main()
+        assert seen == [False, True]
+    finally:
+        gc.enable()
+
+
 def test_gc_on_freezes_start_up_objects_once():
     import gc
 
