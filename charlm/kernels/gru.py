@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from .common import JIT, PJIT, act_sigmoid, act_tanh, chunk, n_parts, proj_backward, proj_forward
+from .lstm import _pack_unit_rows, dot_rows, small_rows, transpose_into, unit_parts
 
 
 @njit(**JIT)
@@ -62,15 +63,54 @@ def gru_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
 
 
 @njit(**PJIT)
+def _gru_recur_by_units(hs, acts, ax_all, Whh, bih, bhh, nc):
+    """gru_forward's recurrence split by hidden units into nc parts, a barrier per
+    step, as lstm._lstm_recur_by_units: part c owns units [j0, j1) of all three
+    gates and computes its rows of W_hh h^T."""
+    T, N, G3 = ax_all.shape
+    H = hs.shape[2]
+    Wp = _pack_unit_rows(Whh, nc)
+    wmax = (H + nc - 1) // nc
+    recT = np.empty((nc, 3 * wmax * N), dtype=acts.dtype)
+    ah = np.empty((N, G3), dtype=acts.dtype)  # each part writes its own columns
+    hT = np.empty((2, H, N), dtype=acts.dtype)
+    transpose_into(hT[0], hs[0])
+    for t in range(T):
+        for c in prange(nc):
+            j0, j1 = chunk(c, nc, H)
+            w = j1 - j0
+            rT = recT[c, :3 * w * N].reshape(3 * w, N)
+            dot_rows(Wp[c, :3 * w], hT[t % 2], rT, small_rows(3 * w, H, N))  # (3w, N)
+            ax = ax_all[t]
+            for g in range(3):
+                transpose_into(ah[:, g * H + j0:g * H + j1], rT[g * w:(g + 1) * w])
+                for n in range(N):
+                    xa = ax[n, g * H + j0:g * H + j1]
+                    ha = ah[n, g * H + j0:g * H + j1]
+                    bi = bih[g * H + j0:g * H + j1]
+                    bh = bhh[g * H + j0:g * H + j1]
+                    for j in range(w):
+                        xa[j] += bi[j]
+                        ha[j] += bh[j]
+            _gru_cell(hs[t + 1], acts[t], ax, ah, hs[t], H, j0, j1)
+            transpose_into(hT[(t + 1) % 2, j0:j1], hs[t + 1, :, j0:j1])
+
+
+@njit(**PJIT)
 def gru_forward(hs, cs, acts, x, Wih, Whh, bih, bhh, parts=1):
     """Run T steps. hs (T+1, N, H) with hs[0] = h0; acts (T, N, 4H) out;
-    x (T, N, D); cs unused. Split as lstm_forward: input projection by time,
-    recurrence by batch rows."""
+    x (T, N, D); cs unused. Input projection by time; the recurrence by batch
+    rows, each thread running the whole time loop on its rows, or, with fewer
+    rows than threads (scoring one text), by hidden units (_gru_recur_by_units)."""
     T, N, D = x.shape
     H = hs.shape[2]
     G3 = 3 * H
     ax_all = np.empty((T, N, G3), dtype=acts.dtype)  # x W_ih^T for the window
     proj_forward(ax_all, x, Wih, parts)
+    nu = unit_parts(parts, H)
+    if N < parts and nu > 1:
+        _gru_recur_by_units(hs, acts, ax_all, Whh, bih, bhh, nu)
+        return
     nc = n_parts(parts, N)
     for c in prange(nc):
         n0, n1 = chunk(c, nc, N)

@@ -87,15 +87,17 @@ def unit_parts(parts, H):
 
 @njit(**JIT)
 def _pack_unit_rows(Whh, nc):
-    """W_hh (4H, H) -> (nc, 4 wmax, H): part c's rows [i | f | g | o] of its units
-    [j0, j1), contiguous, so one product gives all four of its gate blocks."""
-    G4, H = Whh.shape
+    """W_hh (G H, H) -> (nc, G wmax, H): part c's rows of its units [j0, j1) in
+    each of the G gate blocks ([i | f | g | o] for the LSTM, [r | z | n] for the
+    GRU), contiguous, so one product gives all its gate blocks."""
+    GH, H = Whh.shape
+    G = GH // H
     wmax = (H + nc - 1) // nc
-    out = np.zeros((nc, 4 * wmax, H), dtype=Whh.dtype)
+    out = np.zeros((nc, G * wmax, H), dtype=Whh.dtype)
     for c in range(nc):
         j0, j1 = chunk(c, nc, H)
         w = j1 - j0
-        for g in range(4):
+        for g in range(G):
             out[c, g * w:(g + 1) * w] = Whh[g * H + j0:g * H + j1]
     return out
 

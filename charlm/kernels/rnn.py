@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from .common import JIT, PJIT, act_tanh, chunk, n_parts, proj_backward, proj_forward
+from .lstm import dot_rows, small_rows, transpose_into, unit_parts
 
 
 @njit(**JIT)
@@ -28,14 +29,43 @@ def rnn_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
 
 
 @njit(**PJIT)
+def _rnn_recur_by_units(hs, acts, Whh, bias, nc):
+    """rnn_forward's recurrence split by hidden units into nc parts, a barrier per
+    step, as lstm._lstm_recur_by_units."""
+    T, N, H = acts.shape
+    wmax = (H + nc - 1) // nc
+    recT = np.empty((nc, wmax * N), dtype=acts.dtype)
+    hT = np.empty((2, H, N), dtype=acts.dtype)
+    transpose_into(hT[0], hs[0])
+    for t in range(T):
+        for c in prange(nc):
+            j0, j1 = chunk(c, nc, H)
+            w = j1 - j0
+            rT = recT[c, :w * N].reshape(w, N)
+            dot_rows(Whh[j0:j1], hT[t % 2], rT, small_rows(w, H, N))  # (w, N)
+            for n in range(N):
+                a = acts[t, n, j0:j1]
+                ho = hs[t + 1, n, j0:j1]
+                b = bias[j0:j1]
+                for j in range(w):
+                    ho[j] = act_tanh(a[j] + rT[j, n] + b[j])
+            transpose_into(hT[(t + 1) % 2, j0:j1], hs[t + 1, :, j0:j1])
+
+
+@njit(**PJIT)
 def rnn_forward(hs, cs, acts, x, Wih, Whh, bih, bhh, parts=1):
     """Run T steps. hs (T+1, N, H) with hs[0] = h0; acts (T, N, H) work space;
-    x (T, N, D); cs unused. Split as lstm_forward: input projection by time,
-    recurrence by batch rows."""
+    x (T, N, D); cs unused. Input projection by time; the recurrence by batch
+    rows, each thread running the whole time loop on its rows, or, with fewer
+    rows than threads (scoring one text), by hidden units (_rnn_recur_by_units)."""
     T, N, D = x.shape
     H = hs.shape[2]
     proj_forward(acts, x, Wih, parts)
     bias = bih + bhh
+    nu = unit_parts(parts, H)
+    if N < parts and nu > 1:
+        _rnn_recur_by_units(hs, acts, Whh, bias, nu)
+        return
     nc = n_parts(parts, N)
     for c in prange(nc):
         n0, n1 = chunk(c, nc, N)
