@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from .common import JIT, PJIT, act_sigmoid, act_tanh, chunk, n_parts, proj_backward, proj_forward
-from .lstm import _pack_unit_rows, dot_rows, small_rows, transpose_into, unit_parts
+from .lstm import _pack_unit_rows, state_T, transpose_into, unit_parts, unit_product
 
 
 @njit(**JIT)
@@ -73,14 +73,12 @@ def _gru_recur_by_units(hs, acts, ax_all, Whh, bih, bhh, nc):
     wmax = (H + nc - 1) // nc
     recT = np.empty((nc, 3 * wmax * N), dtype=acts.dtype)
     ah = np.empty((N, G3), dtype=acts.dtype)  # each part writes its own columns
-    hT = np.empty((2, H, N), dtype=acts.dtype)
-    transpose_into(hT[0], hs[0])
+    hT = state_T(hs[0])
     for t in range(T):
         for c in prange(nc):
             j0, j1 = chunk(c, nc, H)
             w = j1 - j0
-            rT = recT[c, :3 * w * N].reshape(3 * w, N)
-            dot_rows(Wp[c, :3 * w], hT[t % 2], rT, small_rows(3 * w, H, N))  # (3w, N)
+            rT = unit_product(Wp[c, :3 * w], hT[t % 2], recT[c])  # (3w, N)
             ax = ax_all[t]
             for g in range(3):
                 transpose_into(ah[:, g * H + j0:g * H + j1], rT[g * w:(g + 1) * w])

@@ -147,6 +147,28 @@ def dot_rows(A, B, out, rows):
 
 
 @njit(**JIT)
+def state_T(h0):
+    """h0 (N, H) -> (2, H, N) with [0] = h0^T: the transposed state the by-units
+    loops multiply, double-buffered by step parity (a part writes step t + 1's
+    units while another may still read step t's)."""
+    N, H = h0.shape
+    hT = np.empty((2, H, N), dtype=h0.dtype)
+    transpose_into(hT[0], h0)
+    return hT
+
+
+@njit(**JIT)
+def unit_product(W, hT, buf):
+    """One part's rows of a step's recurrent product, unit-major: W (R, H) rows of
+    W_hh (a part's packed gate rows), hT (H, N); returns the (R, N) view of the
+    work space buf (R N or more,) holding W h^T, computed in row blocks (small_rows)."""
+    R, N = W.shape[0], hT.shape[1]
+    rT = buf[:R * N].reshape(R, N)
+    dot_rows(W, hT, rT, small_rows(R, hT.shape[0], N))
+    return rT
+
+
+@njit(**JIT)
 def _lstm_cell_units(hout, cout, a, recT, rec, bias, c, H, j0, j1):
     """Add the recurrent part recT (4w, N) (transposed: the gate blocks of units
     [j0, j1) in _pack_unit_rows order, one row per unit) and the bias (4H,) into
@@ -180,14 +202,12 @@ def _lstm_recur_by_units(hs, cs, acts, Whh, bias, nc):
     wmax = (H + nc - 1) // nc
     recT = np.empty((nc, N * 4 * wmax), dtype=acts.dtype)
     rec = np.empty((nc, N * 4 * wmax), dtype=acts.dtype)
-    hT = np.empty((2, H, N), dtype=acts.dtype)
-    transpose_into(hT[0], hs[0])
+    hT = state_T(hs[0])
     for t in range(T):
         for c in prange(nc):
             j0, j1 = chunk(c, nc, H)
             w = j1 - j0
-            rT = recT[c, :N * 4 * w].reshape(4 * w, N)
-            dot_rows(Wp[c, :4 * w], hT[t % 2], rT, small_rows(4 * w, H, N))  # (4w, N)
+            rT = unit_product(Wp[c, :4 * w], hT[t % 2], recT[c])  # (4w, N)
             _lstm_cell_units(hs[t + 1], cs[t + 1], acts[t], rT, rec[c, :N * 4 * w].reshape(N, 4 * w),
                              bias, cs[t], H, j0, j1)
             transpose_into(hT[(t + 1) % 2, j0:j1], hs[t + 1, :, j0:j1])

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from .common import JIT, PJIT, act_tanh, chunk, n_parts, proj_backward, proj_forward
-from .lstm import dot_rows, small_rows, transpose_into, unit_parts
+from .lstm import state_T, transpose_into, unit_parts, unit_product
 
 
 @njit(**JIT)
@@ -35,14 +35,12 @@ def _rnn_recur_by_units(hs, acts, Whh, bias, nc):
     T, N, H = acts.shape
     wmax = (H + nc - 1) // nc
     recT = np.empty((nc, wmax * N), dtype=acts.dtype)
-    hT = np.empty((2, H, N), dtype=acts.dtype)
-    transpose_into(hT[0], hs[0])
+    hT = state_T(hs[0])
     for t in range(T):
         for c in prange(nc):
             j0, j1 = chunk(c, nc, H)
             w = j1 - j0
-            rT = recT[c, :w * N].reshape(w, N)
-            dot_rows(Whh[j0:j1], hT[t % 2], rT, small_rows(w, H, N))  # (w, N)
+            rT = unit_product(Whh[j0:j1], hT[t % 2], recT[c])  # (w, N)
             for n in range(N):
                 a = acts[t, n, j0:j1]
                 ho = hs[t + 1, n, j0:j1]
