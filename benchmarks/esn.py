@@ -52,8 +52,8 @@ def ridge_readout(text: str, units: int, seed: int = 0, val_frac: float = 0.05,
     sys.path.insert(0, str(ROOT))
     from charlm.config import ModelConfig
     from charlm.data import Batches, Vocab, split_train_val
-    from charlm.esn import EsnModel
-    from charlm.model import compute_threads
+    from charlm.lm.esn import EsnModel
+    from charlm.runtime import compute_threads
     vocab = Vocab.from_text(text)
     ids, _ = vocab.encode(text)
     train, val = split_train_val(ids.astype(np.int64), val_frac)

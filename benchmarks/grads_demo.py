@@ -46,10 +46,10 @@ def exploding_checkpoint(corpus: Path, path: Path, hidden: int = 64, embed: int 
     value of W_hh is `gain`, and the gradient grows as it goes back in time."""
     sys.path.insert(0, str(ROOT))
     import numpy as np
-    from charlm import checkpoint
+    from charlm.lm import checkpoint
     from charlm.config import ModelConfig
     from charlm.data import Vocab, read_text
-    from charlm.model import init_params
+    from charlm.lm.model import init_params
 
     vocab = Vocab.from_text(read_text(str(corpus)))
     cfg = ModelConfig(cell="rnn", vocab_size=len(vocab), embed=embed, hidden=hidden, layers=1)

@@ -19,8 +19,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from charlm.config import ModelConfig  # noqa: E402
-from charlm.kernels import common  # noqa: E402
-from charlm.model import _CELL_KERNELS, Model, compute_threads  # noqa: E402
+from charlm.kernels import layers  # noqa: E402
+from charlm.lm.model import _CELL_KERNELS, Model, compute_threads  # noqa: E402
+from charlm.runtime import compute_threads
 from charlm.optim import Adam, grad_norm  # noqa: E402
 
 
@@ -75,13 +76,13 @@ def main() -> int:
                 ws.dh0, ws.dc0, ws.dacts, ws.dacts_h, ws.dhs[k], ws.hs[k], ws.cs[k], ws.acts[k], inp,
                 p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"], parts), a.repeats)))
         top = ws.hs[-1][1:].reshape(T * N, a.hidden)
-        rows.append(("  decoder forward", timed(lambda: common.linear_forward(ws.logits, top, p["decoder.weight"],
+        rows.append(("  decoder forward", timed(lambda: layers.linear_forward(ws.logits, top, p["decoder.weight"],
                                                                            p["decoder.bias"], parts), a.repeats)))
         tg = y.reshape(-1)
-        rows.append(("  softmax + cross-entropy", timed(lambda: common.softmax_xent_forward(ws.logits, ws.logits, tg, parts),
+        rows.append(("  softmax + cross-entropy", timed(lambda: layers.softmax_xent_forward(ws.logits, ws.logits, tg, parts),
                                                          a.repeats)))
         d = ws.dhs[-1].reshape(T * N, a.hidden)
-        rows.append(("  decoder backward", timed(lambda: common.linear_backward(d, grads["decoder.weight"],
+        rows.append(("  decoder backward", timed(lambda: layers.linear_backward(d, grads["decoder.weight"],
                                                                              grads["decoder.bias"], ws.logits, top,
                                                                              p["decoder.weight"], parts), a.repeats)))
         rows.append(("gradient norm", timed(lambda: grad_norm(grads), a.repeats)))

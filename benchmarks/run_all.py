@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from charlm.config import ModelConfig  # noqa: E402
 from charlm.data import Vocab  # noqa: E402
-from charlm.model import Model  # noqa: E402
+from charlm.lm.model import Model  # noqa: E402
 from charlm.optim import SGD, Adam, clip_scale, grad_norm  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "corpora" / "tinyshakespeare" / "input.txt"
@@ -170,7 +170,7 @@ def bench_train(torch, repeats, quick, ceiling):
 
 # ------------------------------------------------------------------ sampling
 def bench_sample(torch, repeats, quick):
-    from charlm.sample import generate
+    from charlm.lm.sample import generate
     rows = []
     V, E = 65, 64
     vocab = Vocab(tuple(chr(32 + i) for i in range(V - 1)) + ("\n",))
@@ -205,7 +205,7 @@ def bench_sample(torch, repeats, quick):
 
 # ------------------------------------------------------------------ scoring
 def bench_score(torch, repeats, quick):
-    from charlm.score import evaluate_text
+    from charlm.lm.score import evaluate_text
     n_chars = 20_000 if quick else 100_000
     if SHAKESPEARE.is_file():
         text = SHAKESPEARE.read_text(encoding="utf-8")[:n_chars]
@@ -346,7 +346,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
     from threadpoolctl import threadpool_limits
-    from charlm.model import compute_threads
+    from charlm.lm.model import compute_threads
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 5
     rows: list[dict] = []

@@ -15,11 +15,11 @@ import sys
 import numpy as np
 import torch
 
-from charlm import checkpoint
+from charlm.lm import checkpoint
 from charlm.config import ModelConfig
 from charlm.data import Vocab
-from charlm.model import Model
-from charlm.score import score_text
+from charlm.lm.model import Model
+from charlm.lm.score import score_text
 
 
 def torch_net(cfg: ModelConfig, params: dict[str, np.ndarray]) -> torch.nn.Module:

@@ -5,21 +5,16 @@ first kernel call) creates a few hundred thousand objects, and the collector wal
 them again and again cost about 0.1 s of a 0.8 s `charlm sample` here. Reference
 counting still frees everything that is not in a cycle. The collector comes back on
 (after gc.freeze, so what start-up created is left out of its passes) when a long
-command starts (training calls gc_on()) and in any case START_UP_S seconds after the
+command starts (training calls charlm.runtime.gc_on()) and in any case START_UP_S seconds after the
 start, so a long `eval` or `sample` never runs without it. Library users and tests
 importing charlm.cli are untouched.
 """
 import gc
 import threading
 
+from .runtime import gc_on
+
 START_UP_S = 1.5
-
-
-def gc_on() -> None:
-    """Collector back on; what start-up created is frozen out of its later passes."""
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
 
 
 def main() -> None:
@@ -27,7 +22,7 @@ def main() -> None:
     timer = threading.Timer(START_UP_S, gc_on)
     timer.daemon = True
     timer.start()
-    from .cli import main as cli_main
+    from .cli.app import main as cli_main
     try:
         cli_main()
     finally:

@@ -121,3 +121,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         return _from_dict(cls, d)
+
+
+def models_dir() -> str:
+    """The folder where runs are created and the latest model is looked for: $CHARLM_MODELS_DIR, or
+    models/ in the working folder. Read at each call, so a library user can change it."""
+    import os
+    return os.environ.get("CHARLM_MODELS_DIR", "models")

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from .kernels.common import adam_update, sum_squares
+from .kernels.optim import adam_update, sum_squares
 
 
 def grad_norm(grads: dict[str, np.ndarray]) -> float:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm import checkpoint
+from charlm.lm import checkpoint
 from charlm.config import ModelConfig, TrainConfig
 from charlm.data import Vocab
 
@@ -23,7 +23,7 @@ def tiny_text() -> str:
 
 def train_tiny(run_dir, cell: str = "lstm", seed: int = 0, steps: int = 3) -> list[dict]:
     """Train a tiny model on tests/data/tiny.txt into run_dir; return the events."""
-    from charlm.train import train
+    from charlm.lm.train import train
     mcfg = ModelConfig(cell=cell, **TINY_MODEL)
     tcfg = TrainConfig(**{**TINY_TRAIN, "steps": steps, "seed": seed})
     return list(train(tiny_text(), mcfg, tcfg, run_dir, corpus_name="tiny.txt", sample_chars=0))
@@ -33,7 +33,7 @@ def make_checkpoint(cell: str = "lstm", layers: int = 2, dtype=np.float32, seed:
                     text: str = "hello, world\n") -> checkpoint.Checkpoint:
     """A complete checkpoint built by hand (no training): random parameters, Adam moments,
     a carried state, an rng state and a history, so every field has something to round-trip."""
-    from charlm.model import param_shapes
+    from charlm.lm.model import param_shapes
     rng = np.random.default_rng(seed)
     vocab = Vocab.from_text(text)
     cfg = ModelConfig(cell=cell, vocab_size=len(vocab), embed=3, hidden=5, layers=layers)

@@ -23,13 +23,13 @@ def test_kernels_load_blas_without_scipy_linalg_and_multiply_correctly():
         import numpy as np
         import charlm.kernels
         loaded = sorted(m for m in sys.modules if m.startswith("scipy.linalg"))
-        from charlm.kernels import common
+        from charlm.kernels import layers
         rng = np.random.default_rng(0)
         x = rng.standard_normal((7, 5)).astype(np.float32)
         w = rng.standard_normal((3, 5)).astype(np.float32)
         b = rng.standard_normal(3).astype(np.float32)
         y = np.zeros((7, 3), np.float32)
-        common.linear_forward(y, x, w, b)
+        layers.linear_forward(y, x, w, b)
         err = float(np.abs(y - (x.astype(np.float64) @ w.T.astype(np.float64) + b)).max())
         print(json.dumps({"loaded": loaded, "after": sorted(m for m in sys.modules if m.startswith("scipy.linalg")),
                           "err": err}))
@@ -57,7 +57,7 @@ def test_scipy_linalg_still_imports_and_works_afterwards():
 def test_falls_back_to_the_ordinary_import_when_the_file_is_not_found():
     got = run_fresh("""
         import json, sys
-        import charlm.blas as blas
+        import charlm.runtime as blas
         def missing():
             raise ImportError("pretend SciPy is laid out differently")
         blas._load_from_file = missing

@@ -10,7 +10,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from charlm import checkpoint
+from charlm.data import npzfile
+from charlm.lm import checkpoint
 from charlm.errors import CharlmError
 from tests.helpers import make_checkpoint
 
@@ -37,12 +38,12 @@ def _meta_array(meta: dict) -> np.ndarray:
 
 def _rewrite_with_meta(src, dst, edit):
     """Copy a checkpoint with its metadata changed by edit(meta), re-signed with a valid
-    checksum (computed as checkpoint._digest does), so only the edit can make it fail."""
+    checksum (computed as npzfile.digest does), so only the edit can make it fail."""
     arrays = _read_npz(src)
     meta = json.loads(arrays.pop("__meta__").tobytes().decode())
     meta.pop("checksum")
     edit(meta, arrays)
-    meta["checksum"] = checkpoint._digest(arrays, json.dumps(meta, sort_keys=True, allow_nan=False).encode())
+    meta["checksum"] = npzfile.digest(arrays, json.dumps(meta, sort_keys=True, allow_nan=False).encode())
     arrays["__meta__"] = _meta_array(meta)
     _write_npz(dst, arrays)
 

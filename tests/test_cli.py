@@ -9,7 +9,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from charlm import checkpoint, cli
+from charlm.cli import app as cli
+from charlm.lm import checkpoint
 from tests.helpers import TINY, env_plain, make_checkpoint
 
 TRAIN_TINY = ["--steps", "3", "--hidden", "8", "--layers", "1", "--embed", "4", "--seq-len", "8",
@@ -24,7 +25,7 @@ DONE_KEYS = {"event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bp
 def run_cli(tmp_path, monkeypatch):
     """Invoke the app inside an empty working folder whose models/ is the default models dir."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "MODELS_DIR", "models")
+    monkeypatch.delenv("CHARLM_MODELS_DIR", raising=False)
     runner = CliRunner()
 
     def invoke(*args, input=None):

@@ -7,15 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from charlm import checkpoint
+from charlm.lm import checkpoint
 from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import CharlmError
-from charlm.esn import EsnModel, connectivity_of, spectral_radius
+from charlm.lm.esn import EsnModel, connectivity_of, spectral_radius
 from charlm.kernels.esn import esn_forward
-from charlm.model import build_model, compute_threads
-from charlm.sample import generate
-from charlm.score import score_text
-from charlm.train import train
+from charlm.lm.model import build_model
+from charlm.runtime import compute_threads
+from charlm.lm.sample import generate
+from charlm.lm.score import score_text
+from charlm.lm.train import train
 from tests.helpers import TINY, tiny_text
 from tests.test_cli import failed, ok, run_cli  # noqa: F401  (run_cli is a fixture)
 
@@ -60,7 +61,7 @@ def test_reservoir_kernel_matches_dense_reference(rng, parts):
     ref = esn_reference(x, h0, p["reservoir.input_weight"], p["reservoir.bias"], dense_W(p, H), 0.7)
     np.testing.assert_allclose(hs, ref, rtol=1e-12, atol=1e-12)
     # and through the model, from a carried state
-    from charlm.model import State
+    from charlm.lm.model import State
     states = m.states(x, State(h0[None], np.zeros_like(h0[None])))
     np.testing.assert_allclose(states, ref, rtol=1e-12, atol=1e-12)
 

@@ -1,21 +1,22 @@
-"""charlm.grads and `charlm grads`: gradient flow through time.
+"""charlm.lm.grads and `charlm grads`: gradient flow through time.
 
 The measured gradients are checked against central finite differences (float64) for every cell and
 layer, then against the bound of the RNN's equations on controlled weights, the LSTM against the
-RNN, and exploding gradients in training (clipping off versus --clip 5) through charlm.train.train()."""
+RNN, and exploding gradients in training (clipping off versus --clip 5) through charlm.lm.train.train()."""
 import json
 import tempfile
 
 import numpy as np
 import pytest
 
-import charlm.train as train_mod
-from charlm import checkpoint, grads
+import charlm.lm.train as train_mod
+from charlm.lm import checkpoint, grads
 from charlm.config import ModelConfig, TrainConfig
 from charlm.data import Vocab
 from charlm.errors import CharlmError
 from charlm.kernels import gru, lstm, rnn
-from charlm.model import Model, compute_threads, init_params, param_shapes
+from charlm.lm.model import Model, init_params, param_shapes
+from charlm.runtime import compute_threads
 from tests.helpers import TINY, tiny_text, train_tiny
 from tests.test_cli import failed, ok, run_cli  # noqa: F401  (run_cli is a fixture)
 

@@ -22,12 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from charlm import checkpoint
+from charlm.lm import checkpoint
 from charlm.config import ModelConfig
 from charlm.data import Vocab
-from charlm.model import Model
-from charlm.sample import generate
-from charlm.score import score_text
+from charlm.lm.model import Model
+from charlm.lm.sample import generate
+from charlm.lm.score import score_text
 from tests.helpers import DATA, TINY, env_plain, make_checkpoint, tiny_text, train_tiny
 from tests.test_cli import failed, ok, run_cli  # noqa: F401  (run_cli is a fixture)
 

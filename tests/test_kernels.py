@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from charlm.config import ModelConfig
-from charlm.kernels import common, gru, lstm, rnn, sample
-from charlm.model import param_shapes
+from charlm.kernels import fastmath, gru, layers, lstm, parallel, rnn, sample
+from charlm.lm.model import param_shapes
 from tests import reference as ref
 
 N, T, D, H, V = 2, 3, 4, 5, 7
@@ -301,25 +301,25 @@ def test_fast_tanh_and_sigmoid_error_is_bounded():
         xs = x.astype(dtype)
         exact = np.tanh(xs.astype(np.float64))
         th = np.empty_like(xs)
-        common.tanh_kernel(th, xs)
+        fastmath.tanh_kernel(th, xs)
         assert np.max(np.abs(th - exact)) < tol_tanh, dtype
         assert np.max(np.abs(th)) <= 1.0
         np.testing.assert_array_equal(th, -th[::-1])  # odd
         sg = np.empty_like(xs)
-        common.sigmoid_kernel(sg, xs)
+        fastmath.sigmoid_kernel(sg, xs)
         assert np.max(np.abs(sg - 1.0 / (1.0 + np.exp(-xs.astype(np.float64))))) < tol_sig, dtype
         assert sg.min() >= 0.0 and sg.max() <= 1.0
         special = np.array([np.inf, -np.inf, 0.0, np.nan], dtype)
         out = np.empty_like(special)
-        common.tanh_kernel(out, special)
+        fastmath.tanh_kernel(out, special)
         np.testing.assert_array_equal(out[:3], [1.0, -1.0, 0.0])
         assert np.isnan(out[3])  # a diverging run must stay visible, not be clamped
-        common.sigmoid_kernel(out, special)
+        fastmath.sigmoid_kernel(out, special)
         np.testing.assert_array_equal(out[:3], [1.0, 0.0, 0.5])
         assert np.isnan(out[3])
     # the pure-Python form of the approximation (used in float64 arithmetic)
     grid = np.linspace(-12.0, 12.0, 4001)
-    approx = np.array([common.tanh_rational(float(v)) for v in grid])
+    approx = np.array([fastmath.tanh_rational(float(v)) for v in grid])
     assert np.max(np.abs(approx - np.tanh(grid))) < 2.5e-8
 
 
@@ -329,17 +329,17 @@ def test_fast_exp_error_is_bounded():
     for dtype, tol in ((np.float32, 2.6e-7), (np.float64, 1e-15)):
         xs = x.astype(dtype)
         out = np.empty_like(xs)
-        total = common.exp_shifted_kernel(out, xs, dtype(0.0))
+        total = fastmath.exp_shifted_kernel(out, xs, dtype(0.0))
         exact = np.exp(xs.astype(np.float64))
         assert np.max(np.abs(out - exact) / exact) < tol, dtype
         assert total == pytest.approx(exact.sum(), rel=1e-6)
         # the shift: exp(x - mx), with mx >= max(x)
         row = np.array([3.0, 1.5, -2.0], dtype)
         shifted = np.empty_like(row)
-        common.exp_shifted_kernel(shifted, row, dtype(3.0))
+        fastmath.exp_shifted_kernel(shifted, row, dtype(3.0))
         np.testing.assert_allclose(shifted, np.exp(row.astype(np.float64) - 3.0), rtol=tol)
     out = np.empty(5, np.float32)
-    common.exp_shifted_kernel(out, np.array([-1e4, -np.inf, -88.0, np.nan, 0.0], np.float32), np.float32(0.0))
+    fastmath.exp_shifted_kernel(out, np.array([-1e4, -np.inf, -88.0, np.nan, 0.0], np.float32), np.float32(0.0))
     assert (out[:3] >= 0).all() and (out[:3] < 2e-38).all()  # far below: (almost) zero, never negative
     assert np.isnan(out[3])  # a diverging model must stay visible (the loss's NaN guard)
     assert out[4] == 1.0
@@ -353,26 +353,26 @@ def test_linear_forward_and_backward(rng):
     b = rng.standard_normal(K)
     dout = rng.standard_normal((M, K))
     out = np.full((M, K), np.nan)
-    common.linear_forward(out, x, W, b)
+    layers.linear_forward(out, x, W, b)
     np.testing.assert_allclose(out, x @ W.T + b, rtol=1e-13, atol=1e-13)
 
     def objective():
         o = np.empty((M, K))
-        common.linear_forward(o, x, W, b)
+        layers.linear_forward(o, x, W, b)
         return float(np.sum(o * dout))
 
     dx, dW, db = np.zeros_like(x), np.zeros_like(W), np.zeros_like(b)
-    common.linear_backward(dx, dW, db, dout, x, W)
+    layers.linear_backward(dx, dW, db, dout, x, W)
     for name, a, g in (("x", x, dx), ("W", W, dW), ("b", b, db)):
         assert rel_err(g, numeric_grad(objective, a)) < 1e-6, name
     # ADDS into its outputs; dx of shape (0, 0) is skipped
     dx2, dW2, db2 = dx.copy(), dW.copy(), db.copy()
-    common.linear_backward(dx2, dW2, db2, dout, x, W)
+    layers.linear_backward(dx2, dW2, db2, dout, x, W)
     np.testing.assert_allclose(dx2, 2 * dx, rtol=1e-13)
     np.testing.assert_allclose(dW2, 2 * dW, rtol=1e-13)
     np.testing.assert_allclose(db2, 2 * db, rtol=1e-13)
     dW3, db3 = np.zeros_like(W), np.zeros_like(b)
-    common.linear_backward(np.zeros((0, 0)), dW3, db3, dout, x, W)
+    layers.linear_backward(np.zeros((0, 0)), dW3, db3, dout, x, W)
     np.testing.assert_array_equal(dW3, dW)
     np.testing.assert_array_equal(db3, db)
 
@@ -383,19 +383,19 @@ def test_embedding_forward_and_backward(rng):
     ids = rng.integers(0, V, M)
     ids[:3] = [2, 5, 2]  # a repeated id must accumulate
     out = np.full((M, E), np.nan)
-    common.embedding_forward(out, ids, table)
+    layers.embedding_forward(out, ids, table)
     np.testing.assert_array_equal(out, table[ids])
     dout = rng.standard_normal((M, E))
     start = rng.standard_normal((V, E))
     dtable = start.copy()
-    common.embedding_backward(dtable, dout, ids)
+    layers.embedding_backward(dtable, dout, ids)
     expected = start.copy()
     np.add.at(expected, ids, dout)
     np.testing.assert_allclose(dtable, expected, rtol=1e-14, atol=1e-14)
 
     def objective():
         o = np.empty((M, E))
-        common.embedding_forward(o, ids, table)
+        layers.embedding_forward(o, ids, table)
         return float(np.sum(o * dout))
 
     assert rel_err(dtable - start, numeric_grad(objective, table)) < 1e-6
@@ -411,14 +411,14 @@ def test_softmax_xent_forward(scale, dtype, rng):
     lp = ref.log_softmax(logits.astype(np.float64))
     expected = -np.sum(lp[np.arange(M), targets])
     probs = np.full((M, V), np.nan, dtype)
-    total = common.softmax_xent_forward(probs, logits, targets)
+    total = layers.softmax_xent_forward(probs, logits, targets)
     assert np.isfinite(total)
     tol = 1e-12 if dtype == np.float64 else 1e-5
     assert total == pytest.approx(expected, rel=tol, abs=tol)
     np.testing.assert_allclose(probs, np.exp(lp), rtol=tol, atol=tol)
     # in place: probs is the logits array
     inplace = logits.copy()
-    total2 = common.softmax_xent_forward(inplace, inplace, targets)
+    total2 = layers.softmax_xent_forward(inplace, inplace, targets)
     assert total2 == pytest.approx(expected, rel=tol, abs=tol)
     np.testing.assert_allclose(inplace, np.exp(lp), rtol=tol, atol=tol)
 
@@ -432,7 +432,7 @@ def test_softmax_xent_forward_skips_negative_targets(rng):
     keep = targets >= 0
     expected = -np.sum(lp[np.arange(M)[keep], targets[keep]])
     probs = np.full((M, V), np.nan)
-    total = common.softmax_xent_forward(probs, logits, targets)
+    total = layers.softmax_xent_forward(probs, logits, targets)
     assert total == pytest.approx(expected, rel=1e-12)
     np.testing.assert_allclose(probs, np.exp(lp), rtol=1e-12)  # every row still has probs
 
@@ -445,15 +445,15 @@ def test_softmax_xent_backward_matches_finite_differences(inplace, rng):
     targets[3] = -1
 
     def objective():
-        return scale * common.softmax_xent_forward(np.empty((M, V)), logits, targets)
+        return scale * layers.softmax_xent_forward(np.empty((M, V)), logits, targets)
 
     probs = np.empty((M, V))
-    common.softmax_xent_forward(probs, logits, targets)
+    layers.softmax_xent_forward(probs, logits, targets)
     if inplace:
         dlogits = probs
     else:
         dlogits = np.full((M, V), 123.0)  # overwritten, not added to
-    common.softmax_xent_backward(dlogits, probs, targets, scale)
+    layers.softmax_xent_backward(dlogits, probs, targets, scale)
     num = numeric_grad(objective, logits)
     assert rel_err(dlogits, num) < 1e-6
     np.testing.assert_array_equal(dlogits[3], 0.0)
@@ -468,17 +468,17 @@ def test_log_softmax_gather(dtype, rng):
     logits[0] *= 500.0  # large logits: no overflow
     targets = rng.integers(0, V, M)
     out = np.full(M, np.nan)
-    common.log_softmax_gather(out, logits, targets)
+    layers.log_softmax_gather(out, logits, targets)
     expected = ref.log_softmax(logits.astype(np.float64))[np.arange(M), targets]
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
     # consistent with the cross-entropy sum
-    total = common.softmax_xent_forward(np.empty((M, V), dtype), logits, targets)
+    total = layers.softmax_xent_forward(np.empty((M, V), dtype), logits, targets)
     assert -out.sum() == pytest.approx(total, rel=1e-6 if dtype == np.float32 else 1e-12)
 
 
 # ------------------------------------------------------------------ common: draw_token
 def draw(logits, temperature=1.0, top_k=0, greedy=False, u=0.5):
-    return common.draw_token(logits, temperature, top_k, greedy, u, np.empty(logits.shape[0]))
+    return layers.draw_token(logits, temperature, top_k, greedy, u, np.empty(logits.shape[0]))
 
 
 def test_draw_token_greedy_and_top1_are_argmax(rng):
@@ -650,16 +650,16 @@ def test_forward_and_backward_do_not_depend_on_the_thread_split(cell, N, parts, 
 
 
 def test_unit_parts_gives_each_part_at_least_16_units():
-    assert [lstm.unit_parts(2, H) for H in (8, 31, 32, 256)] == [1, 1, 2, 2]
-    assert [lstm.unit_parts(4, H) for H in (37, 70)] == [2, 4]
-    assert lstm.unit_parts(1, 512) == 1
+    assert [parallel.unit_parts(2, H) for H in (8, 31, 32, 256)] == [1, 1, 2, 2]
+    assert [parallel.unit_parts(4, H) for H in (37, 70)] == [2, 4]
+    assert parallel.unit_parts(1, 512) == 1
 
 
 @pytest.mark.parametrize("shape", [(512, 32), (16, 16), (37, 5), (72, 19), (3, 40), (1, 1)])
 def test_transpose_into_matches_numpy(shape, rng):
     a = rng.standard_normal(shape).astype(np.float32)
     out = np.full(shape[::-1], np.nan, np.float32)
-    lstm.transpose_into(out, a)
+    parallel.transpose_into(out, a)
     np.testing.assert_array_equal(out, a.T)
 
 
@@ -691,13 +691,13 @@ def test_stack_sample_does_not_depend_on_the_thread_split(cell, parts, rng):
 
 
 def test_small_rows_cuts_products_at_openblas_small_matrix_size():
-    assert lstm.small_rows(512, 256, 32) == 64       # 64 x 256 x 32 = 524k <= 1e6 < 128 x 256 x 32
-    assert lstm.small_rows(256, 512, 32) == 32
-    assert lstm.small_rows(1024, 512, 64) == 16
-    assert lstm.small_rows(40, 64, 8) == 40          # small enough whole
-    assert lstm.small_rows(512, 4096, 64) == 512     # even 16 rows too big: one product
+    assert parallel.small_rows(512, 256, 32) == 64       # 64 x 256 x 32 = 524k <= 1e6 < 128 x 256 x 32
+    assert parallel.small_rows(256, 512, 32) == 32
+    assert parallel.small_rows(1024, 512, 64) == 16
+    assert parallel.small_rows(40, 64, 8) == 40          # small enough whole
+    assert parallel.small_rows(512, 4096, 64) == 512     # even 16 rows too big: one product
     for M, K, N in [(512, 256, 32), (1024, 512, 64), (300, 200, 20)]:
-        r = lstm.small_rows(M, K, N)
+        r = parallel.small_rows(M, K, N)
         assert r == M or (r >= 16 and r * K * N <= 1_000_000 < 2 * r * K * N)
 
 
@@ -706,7 +706,7 @@ def test_dot_rows_matches_one_product(rows, rng):
     A = rng.standard_normal((100, 24)).astype(np.float32)
     B = rng.standard_normal((24, 7)).astype(np.float32)
     out = np.full((100, 7), np.nan, np.float32)
-    lstm.dot_rows(A, B, out, rows)
+    parallel.dot_rows(A, B, out, rows)
     np.testing.assert_allclose(out, A @ B, rtol=1e-5, atol=1e-5)
 
 
@@ -763,9 +763,9 @@ def test_linear_backward_without_bias_gradient(rng):
     M, Din, K = 9, 4, 6
     x, W, dout = rng.standard_normal((M, Din)), rng.standard_normal((K, Din)), rng.standard_normal((M, K))
     full = [np.zeros((M, Din)), np.zeros((K, Din)), np.zeros(K)]
-    common.linear_backward(*full, dout, x, W, 2)
+    layers.linear_backward(*full, dout, x, W, 2)
     part = [np.zeros((M, Din)), np.zeros((K, Din)), np.zeros(0)]
-    common.linear_backward(*part, dout, x, W, 2)
+    layers.linear_backward(*part, dout, x, W, 2)
     np.testing.assert_allclose(part[0], full[0], rtol=1e-14)
     np.testing.assert_allclose(part[1], full[1], rtol=1e-14)
     np.testing.assert_allclose(full[2], dout.sum(axis=0), rtol=1e-12)

@@ -6,7 +6,7 @@ import pytest
 
 from charlm.config import ModelConfig
 from charlm.errors import CharlmError
-from charlm.model import Model, State, check_params, param_shapes
+from charlm.lm.model import Model, State, check_params, param_shapes
 from tests import reference as ref
 
 N, T, E, H, V = 2, 3, 4, 5, 7
@@ -328,7 +328,7 @@ def test_validation_loss_counts_every_target_once(n, seq_len, streams):
     """train.evaluate: the mean over all n - 1 targets, each part from the zero
     state (including the last targets when the parts do not divide the text)."""
     from charlm.data import eval_windows
-    from charlm.train import evaluate
+    from charlm.lm.train import evaluate
     cfg = ModelConfig(cell="lstm", vocab_size=11, embed=4, hidden=6, layers=1)
     m = Model.create(cfg, seed=3, dtype=np.float64)
     ids = np.random.default_rng(n).integers(0, 11, n).astype(np.uint8)  # as the token files store them

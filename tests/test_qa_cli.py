@@ -158,7 +158,7 @@ def test_bad_ask_and_eval_input(run_cli, model, tmp_path):
     failed(run_cli("qa", "eval", TEST, "--model", "cut.npz"), "truncated or damaged")
     # a language model where a QA model belongs, and the other way round: each named for what it is
     from tests.helpers import make_checkpoint
-    from charlm import checkpoint
+    from charlm.lm import checkpoint
     checkpoint.save(make_checkpoint(), tmp_path / "lm.npz")
     failed(run_cli("qa", "eval", TEST, "--model", "lm.npz"), "a charlm language model, not a QA model")
     failed(run_cli("score", "--model", model / "best.npz", "some text"), "charlm-qa-checkpoint")

@@ -315,7 +315,7 @@ def test_babi_task1_error_at_most_1_percent(encoder):
     """The issue's target: task 1 with any encoder <= 1 % test error (seed 0, defaults)."""
     tr = babi.read(str(next(BABI.glob("qa1_*_train.txt"))))
     te = babi.read(str(next(BABI.glob("qa1_*_test.txt"))))
-    from charlm.model import compute_threads
+    from charlm.runtime import compute_threads
     with compute_threads(1):  # one thread: BLAS threads waiting on a busy core stall the small products
         for ev in train(tr, QAConfig(encoder=encoder), QATrainConfig()):
             done = ev

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import charlm.train as train_mod
-from charlm import checkpoint
+import charlm.lm.train as train_mod
+from charlm.lm import checkpoint
 from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import CharlmError
-from charlm.model import compute_threads
+from charlm.runtime import compute_threads
 from tests.helpers import DATA, TINY, env_plain, tiny_text
 from tests.test_cli import failed, ok, run_cli  # noqa: F401  (run_cli is a fixture)
 

@@ -5,13 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from charlm import checkpoint
+from charlm.lm import checkpoint
 from charlm.config import ModelConfig
 from charlm.data import Vocab
 from charlm.errors import CharlmError
-from charlm.model import Model
-from charlm.sample import generate
-from charlm.score import LN2, LN10, corpus_total, score_text
+from charlm.lm.model import Model
+from charlm.lm.sample import generate
+from charlm.lm.score import LN2, LN10, corpus_total, score_text
 from tests.helpers import tiny_text, train_tiny
 
 
@@ -237,7 +237,7 @@ def test_a_likelier_text_scores_higher_after_learning_it():
     """Not a number check: after a model learns a repeated phrase, that phrase outscores its
     reverse (the scorer reads the model's probabilities the right way round)."""
     from charlm.config import TrainConfig
-    from charlm.train import train
+    from charlm.lm.train import train
     import tempfile
     phrase = "abcab cab abc\n"
     with tempfile.TemporaryDirectory() as d:

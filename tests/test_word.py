@@ -8,13 +8,13 @@ import re
 import numpy as np
 import pytest
 
-from charlm import checkpoint
+from charlm.lm import checkpoint
 from charlm.config import ModelConfig, TrainConfig
 from charlm.data import EOS_WORD, UNK_WORD, Vocab
 from charlm.errors import CharlmError
-from charlm.model import Model, param_shapes
-from charlm.sample import generate
-from charlm.score import corpus_total, evaluate_text, score_text
+from charlm.lm.model import Model, param_shapes
+from charlm.lm.sample import generate
+from charlm.lm.score import corpus_total, evaluate_text, score_text
 from tests.helpers import DATA, tiny_text
 from tests.test_cli import SCORE_KEYS, _option_blocks, failed, ok, run_cli  # noqa: F401 (run_cli: fixture)
 
@@ -246,7 +246,7 @@ def test_id_dtype_of_a_word_vocab(n_words, dtype):
 
 # ------------------------------------------------------- training round trip
 def test_train_and_checkpoint_keep_the_word_vocab(tmp_path):
-    from charlm.train import build_vocab, train
+    from charlm.lm.train import build_vocab, train
     text = words_text().upper()  # lower=True must lower-case it back
     tcfg = TrainConfig(level="word", lower=True, min_count=2, steps=3, seq_len=4, batch=2, eval_every=2)
     events = list(train(text, ModelConfig(cell="gru", embed=4, hidden=8, layers=1), tcfg, tmp_path / "run",
@@ -409,7 +409,7 @@ def test_sampling_a_word_prime_with_unknown_words():
 
 @pytest.fixture(scope="module")
 def trained_word(tmp_path_factory):
-    from charlm.train import train
+    from charlm.lm.train import train
     run = tmp_path_factory.mktemp("wordrun")
     tcfg = TrainConfig(level="word", min_count=2, steps=3, seq_len=4, batch=2, eval_every=2)
     list(train(words_text(), ModelConfig(cell="lstm", embed=4, hidden=8, layers=1), tcfg, run, sample_chars=0))

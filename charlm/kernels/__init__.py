@@ -8,6 +8,6 @@ Kernels never read configuration objects or module globals; randomness is drawn
 by the caller and passed in as uniforms.
 """
 
-from ..blas import load_blas
+from ..runtime import load_blas
 
-load_blas()  # before any kernel is compiled or loaded from the cache: see charlm/blas.py
+load_blas()  # before any kernel is compiled or loaded from the cache: see charlm/runtime.py

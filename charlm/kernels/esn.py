@@ -9,15 +9,17 @@ Dimensions: N batch, T time, V vocab, H reservoir units, Z non-zeros of W.
 W (H, H) is stored as CSR: data (Z,), indices (Z,) column of each value,
 indptr (H+1,); row i holds the weights unit i reads. The input columns are
 looked up, not multiplied: the caller passes u (T, N, H) = Win^T[x] + b, made
-with common.embedding_forward over the table Win^T (V, H).
+with layers.embedding_forward over the table Win^T (V, H).
 
 hs (T+1, N, H) with hs[0] = h0. Nothing here is trained, so there is no
-backward kernel: the readout's gradient is common.linear_backward's.
+backward kernel: the readout's gradient is layers.linear_backward's.
 """
 import numpy as np
 from numba import njit, prange
 
-from .common import JIT, PJIT, act_tanh, chunk, draw_token, n_parts
+from .fastmath import act_tanh
+from .layers import draw_token
+from .parallel import JIT, PJIT, chunk, n_parts
 
 
 @njit(**JIT)

@@ -18,16 +18,17 @@ pass). cs is unused (same signature as lstm).
 import numpy as np
 from numba import njit, prange
 
-from .common import JIT, PJIT, act_sigmoid, act_tanh, chunk, n_parts, proj_backward, proj_forward
-from .lstm import _pack_unit_rows, state_T, transpose_into, unit_parts, unit_product
+from .fastmath import act_sigmoid, act_tanh
+from .layers import proj_backward, proj_forward
+from .parallel import JIT, PJIT, chunk, n_parts, pack_unit_rows, state_T, transpose_into, unit_parts, unit_product
 
 
 @njit(**JIT)
-def _gru_cell(hout, act, ax, ah, h, H, j0=0, j1=-1):
+def gru_cell(hout, act, ax, ah, h, H, j0=0, j1=-1):
     """ax, ah (N, 3H) pre-activations; act (N, 4H) out; h (N, H) previous; hout (N, H);
     for the hidden units j0 <= j < j1 (j1 = -1: all). Row by row through 1-D gate
     views and 0-based loops, so the loop vectorises (indexing act[n, H + j] did
-    not: see lstm._lstm_cell)."""
+    not: see lstm.lstm_cell)."""
     N = ax.shape[0]
     one = h.dtype.type(1.0)
     if j1 < 0:
@@ -59,7 +60,7 @@ def gru_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
     ax += bih
     ah = np.dot(h, Whh.T)  # (N, 3H)
     ah += bhh
-    _gru_cell(hout, act, ax, ah, h, H)
+    gru_cell(hout, act, ax, ah, h, H)
 
 
 @njit(**PJIT)
@@ -69,7 +70,7 @@ def _gru_recur_by_units(hs, acts, ax_all, Whh, bih, bhh, nc):
     gates and computes its rows of W_hh h^T."""
     T, N, G3 = ax_all.shape
     H = hs.shape[2]
-    Wp = _pack_unit_rows(Whh, nc)
+    Wp = pack_unit_rows(Whh, nc)
     wmax = (H + nc - 1) // nc
     recT = np.empty((nc, 3 * wmax * N), dtype=acts.dtype)
     ah = np.empty((N, G3), dtype=acts.dtype)  # each part writes its own columns
@@ -90,7 +91,7 @@ def _gru_recur_by_units(hs, acts, ax_all, Whh, bih, bhh, nc):
                     for j in range(w):
                         xa[j] += bi[j]
                         ha[j] += bh[j]
-            _gru_cell(hs[t + 1], acts[t], ax, ah, hs[t], H, j0, j1)
+            gru_cell(hs[t + 1], acts[t], ax, ah, hs[t], H, j0, j1)
             transpose_into(hT[(t + 1) % 2, j0:j1], hs[t + 1, :, j0:j1])
 
 
@@ -120,7 +121,7 @@ def gru_forward(hs, cs, acts, x, Wih, Whh, bih, bhh, parts=1):
                 for k in range(G3):
                     ax[n, k] += bih[k]
                     ah[n, k] += bhh[k]
-            _gru_cell(hs[t + 1, n0:n1], acts[t, n0:n1], ax, ah, hs[t, n0:n1], H)
+            gru_cell(hs[t + 1, n0:n1], acts[t, n0:n1], ax, ah, hs[t, n0:n1], H)
 
 
 @njit(**JIT)

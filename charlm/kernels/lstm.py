@@ -16,11 +16,14 @@ never special-cases t = 0. acts (T, N, 4H) keeps the activated gates.
 import numpy as np
 from numba import njit, prange
 
-from .common import JIT, PJIT, act_sigmoid, act_tanh, chunk, proj_backward, proj_forward
+from .fastmath import act_sigmoid, act_tanh
+from .layers import proj_backward, proj_forward
+from .parallel import (JIT, PJIT, chunk, dot_rows, pack_unit_rows, small_rows, state_T, transpose_into,
+                       unit_parts, unit_product)
 
 
 @njit(**JIT)
-def _lstm_cell(hout, cout, a, c, H, j0, j1):
+def lstm_cell(hout, cout, a, c, H, j0, j1):
     """Activate the pre-activations a (N, 4H) in place (a then holds the gates
     i, f, g, o) and write h, c (N, H), for the hidden units j0 <= j < j1.
 
@@ -63,116 +66,15 @@ def lstm_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
     act += np.dot(h, Whh.T)  # (N, 4H)
     act += bih
     act += bhh
-    _lstm_cell(hout, cout, act, c, H, 0, H)
+    lstm_cell(hout, cout, act, c, H, 0, H)
 
-
-# ------------------------------------------------------------ split by hidden units
-# With several threads, each step's recurrent product is split by hidden units
-# rather than by batch rows: thread c owns units [j0, j1) of every gate, so it
-# multiplies all N rows by its 4(j1 - j0) rows of W_hh. For N 32, H 256 on two
-# threads that is a 32x256 by 256x512 product per thread (66 us as h W^T)
-# instead of 16x256 by 256x1024 (94 us): thin products run far below BLAS's
-# large-matrix speed. The price is a barrier per step (the next step needs all
-# of h): one prange per step, 1-2 us with the OpenMP layer. The gate activations
-# are split the same way, so they stay on the thread that computed their inputs.
-# The same code with one part is also the fastest single-threaded loop (W h^T in
-# row blocks: 7.9 ms against 10.8 for the plain loop's h W^T, H 256, forward);
-# the plain loops remain for fewer than 16 units and as the tests' reference.
-
-@njit(**JIT)
-def unit_parts(parts, H):
-    """How many unit parts: one per thread, each at least 16 units (a vector or two)."""
-    return max(1, min(parts, H // 16))
-
-
-@njit(**JIT)
-def _pack_unit_rows(Whh, nc):
-    """W_hh (G H, H) -> (nc, G wmax, H): part c's rows of its units [j0, j1) in
-    each of the G gate blocks ([i | f | g | o] for the LSTM, [r | z | n] for the
-    GRU), contiguous, so one product gives all its gate blocks."""
-    GH, H = Whh.shape
-    G = GH // H
-    wmax = (H + nc - 1) // nc
-    out = np.zeros((nc, G * wmax, H), dtype=Whh.dtype)
-    for c in range(nc):
-        j0, j1 = chunk(c, nc, H)
-        w = j1 - j0
-        for g in range(G):
-            out[c, g * w:(g + 1) * w] = Whh[g * H + j0:g * H + j1]
-    return out
-
-
-@njit(**JIT)
-def transpose_into(out, a):
-    """out (n, m) = a.T for a (m, n). Full 16 x 16 tiles go through views with
-    constant bounds, which LLVM turns into vector shuffles (3 us for 512 x 32,
-    against 9 for plain loops, tiled or not); the edges element by element."""
-    m, n = a.shape
-    m16, n16 = m - m % 16, n - n % 16
-    for i0 in range(0, m16, 16):
-        for k0 in range(0, n16, 16):
-            blk = a[i0:i0 + 16, k0:k0 + 16]
-            ob = out[k0:k0 + 16, i0:i0 + 16]
-            for k in range(16):
-                for i in range(16):
-                    ob[k, i] = blk[i, k]
-    for i in range(m):
-        for k in range(n16 if i < m16 else 0, n):
-            out[k, i] = a[i, k]
-
-
-@njit(**JIT)
-def small_rows(M, K, N):
-    """Rows per call when a per-step product (M x K) @ (K x N) is cut into row
-    blocks: the largest power of two from 16 with rows K N <= 1e6, or M (no cut).
-    OpenBLAS computes products up to that size with its small-matrix kernels,
-    without packing the operands first; at these sizes that is faster than one
-    packed product (forward, N 32, H 256: 36 us in blocks of 64 rows against
-    44; backward 37 against 46), while a block just over the limit is slower."""
-    r = 16
-    if r * K * N > 1_000_000:
-        return M
-    while 2 * r * K * N <= 1_000_000:
-        r *= 2
-    return min(r, M)
-
-
-@njit(**JIT)
-def dot_rows(A, B, out, rows):
-    """out (M, N) = A (M, K) @ B (K, N), in blocks of `rows` rows (small_rows)."""
-    M = A.shape[0]
-    for r0 in range(0, M, rows):
-        r1 = min(r0 + rows, M)
-        np.dot(A[r0:r1], B, out[r0:r1])
-
-
-@njit(**JIT)
-def state_T(h0):
-    """h0 (N, H) -> (2, H, N) with [0] = h0^T: the transposed state the by-units
-    loops multiply, double-buffered by step parity (a part writes step t + 1's
-    units while another may still read step t's)."""
-    N, H = h0.shape
-    hT = np.empty((2, H, N), dtype=h0.dtype)
-    transpose_into(hT[0], h0)
-    return hT
-
-
-@njit(**JIT)
-def unit_product(W, hT, buf):
-    """One part's rows of a step's recurrent product, unit-major: W (R, H) rows of
-    W_hh (a part's packed gate rows), hT (H, N); returns the (R, N) view of the
-    work space buf (R N or more,) holding W h^T, computed in row blocks (small_rows)."""
-    R, N = W.shape[0], hT.shape[1]
-    rT = buf[:R * N].reshape(R, N)
-    dot_rows(W, hT, rT, small_rows(R, hT.shape[0], N))
-    return rT
 
 
 @njit(**JIT)
 def _lstm_cell_units(hout, cout, a, recT, rec, bias, c, H, j0, j1):
     """Add the recurrent part recT (4w, N) (transposed: the gate blocks of units
-    [j0, j1) in _pack_unit_rows order, one row per unit) and the bias (4H,) into
-    a (N, 4H), then _lstm_cell on those units. rec (N, 4w) is work space."""
+    [j0, j1) in pack_unit_rows order, one row per unit) and the bias (4H,) into
+    a (N, 4H), then lstm_cell on those units. rec (N, 4w) is work space."""
     N = a.shape[0]
     w = j1 - j0
     transpose_into(rec, recT)
@@ -185,7 +87,7 @@ def _lstm_cell_units(hout, cout, a, recT, rec, bias, c, H, j0, j1):
             b = bias[g * H + j0:g * H + j1]
             for j in range(w):
                 dst[j] += src[j] + b[j]
-    _lstm_cell(hout, cout, a, c, H, j0, j1)
+    lstm_cell(hout, cout, a, c, H, j0, j1)
 
 
 @njit(**PJIT)
@@ -198,7 +100,7 @@ def _lstm_recur_by_units(hs, cs, acts, Whh, bias, nc):
     blocks (small_rows)."""
     T, N, _ = acts.shape
     H = hs.shape[2]
-    Wp = _pack_unit_rows(Whh, nc)
+    Wp = pack_unit_rows(Whh, nc)
     wmax = (H + nc - 1) // nc
     recT = np.empty((nc, N * 4 * wmax), dtype=acts.dtype)
     rec = np.empty((nc, N * 4 * wmax), dtype=acts.dtype)
@@ -244,7 +146,7 @@ def _lstm_recur_plain(hs, cs, acts, Whh, bias):
         for n in range(N):
             for k in range(G4):
                 a[n, k] += rec[n, k] + bias[k]
-        _lstm_cell(hs[t + 1], cs[t + 1], a, cs[t], H, 0, H)
+        lstm_cell(hs[t + 1], cs[t + 1], a, cs[t], H, 0, H)
 
 
 @njit(**JIT)
@@ -254,7 +156,7 @@ def _lstm_cell_backward(da, dh, dc, act, c_prev, c, dh_above, H, j0, j1):
     (H,) dL/dh_t from the layer above, dh (w,) dL/dh_t through step t + 1 (read
     only), dc (w,) dL/dc_t through step t + 1, replaced by dL/dc_{t-1}. Out: the
     units' four blocks of da (4H,), the pre-activation gradients. 1-D views and
-    0-based loops, so it vectorises (see _lstm_cell)."""
+    0-based loops, so it vectorises (see lstm_cell)."""
     one = act.dtype.type(1.0)
     w = j1 - j0
     gi, gf = act[j0:j1], act[H + j0:H + j1]
@@ -279,9 +181,9 @@ def _lstm_cell_backward(da, dh, dc, act, c_prev, c, dh_above, H, j0, j1):
 
 @njit(**JIT)
 def _pack_unit_rows_t(Whh, nc):
-    """W_hh (4H, H) -> (nc, H 4wmax) flat: part c's rows (as _pack_unit_rows
+    """W_hh (4H, H) -> (nc, H 4wmax) flat: part c's rows (as pack_unit_rows
     orders them) transposed, a contiguous (H, 4w) matrix at the start of row c."""
-    Wp = _pack_unit_rows(Whh, nc)
+    Wp = pack_unit_rows(Whh, nc)
     G4, H = Whh.shape
     wmax = (H + nc - 1) // nc
     out = np.zeros((nc, H * 4 * wmax), dtype=Whh.dtype)

@@ -13,8 +13,9 @@ hs (T+1, N, H) with hs[0] = h0. acts (T, N, H) is unused by the forward pass
 import numpy as np
 from numba import njit, prange
 
-from .common import JIT, PJIT, act_tanh, chunk, n_parts, proj_backward, proj_forward
-from .lstm import state_T, transpose_into, unit_parts, unit_product
+from .fastmath import act_tanh
+from .layers import proj_backward, proj_forward
+from .parallel import JIT, PJIT, chunk, n_parts, state_T, transpose_into, unit_parts, unit_product
 
 
 @njit(**JIT)

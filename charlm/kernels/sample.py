@@ -13,9 +13,11 @@ which vectorises, and each thread streams only its share.
 import numpy as np
 from numba import njit, prange
 
-from .common import JIT, PJIT, act_tanh, chunk, draw_token
-from .gru import _gru_cell
-from .lstm import _lstm_cell, unit_parts
+from .fastmath import act_tanh
+from .gru import gru_cell
+from .layers import draw_token
+from .lstm import lstm_cell
+from .parallel import JIT, PJIT, chunk, unit_parts
 
 CELL_CODES = {"rnn": 0, "gru": 1, "lstm": 2}
 
@@ -118,11 +120,11 @@ def _layer_part(cell, hnew, c, act, ax, ah, inp, hold, WihT, WhhT, bih, bhh, j0,
         for j in range(w):
             hn[0, j] = act_tanh(ax[0, j] + ah[0, j])
     elif cell == 1:
-        _gru_cell(hn, act, ax, ah, hold[j0:j1].reshape((1, w)), w)
+        gru_cell(hn, act, ax, ah, hold[j0:j1].reshape((1, w)), w)
     else:
         ax += ah
         cc = c[j0:j1].reshape((1, w))
-        _lstm_cell(hn, cc, ax, cc, w, 0, w)
+        lstm_cell(hn, cc, ax, cc, w, 0, w)
 
 
 @njit(**PJIT)

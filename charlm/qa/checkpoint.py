@@ -7,7 +7,7 @@
 
 checksum: SHA-256 over every array's name, dtype, shape and bytes (name order) and
 the JSON without it; a file that does not match is refused. Written and read by
-charlm.checkpoint's write_npz / read_npz (temporary file, fsync, os.replace).
+charlm.data.npzfile.s write_npz / read_npz (temporary file, fsync, os.replace).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import read_npz, write_npz
+from ..data.npzfile import read_npz, write_npz
 from ..errors import CharlmError
 from .model import QAConfig, check_params
 

@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import CharlmError
-from ..kernels.common import embedding_backward
+from ..kernels.layers import embedding_backward
 from ..kernels.gru import gru_backward, gru_forward
 
 ENCODERS = ("bow", "pe", "gru", "bigru")

@@ -8,7 +8,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from .errors import CharlmError
+from ..config import models_dir
+from ..errors import CharlmError
 
 # --help text: paragraphs wrapped here for the source, joined into single lines below so that
 # the terminal wraps them (Typer keeps line breaks as they are)
@@ -64,9 +65,9 @@ def grads_cmd(
     threads: Annotated[Optional[int], typer.Option(help="Threads to compute with. Default: every core.",
                                                    show_default=False)] = None,
 ):
-    from .cli import MODELS_DIR, _dumps, _limit_threads, fail, warn
-    from . import checkpoint, grads
-    from .data import Vocab, open_tokens, read_text
+    from .common import dumps, limit_threads, fail, warn
+    from ..lm import checkpoint, grads
+    from ..data import Vocab, open_tokens, read_text
 
     try:
         if max_lag < 0:
@@ -90,9 +91,9 @@ def grads_cmd(
         paths = list(model or [])
         if not paths and not cell:
             paths = [None]  # the most recent run
-        from .model import Model
+        from ..lm.model import Model
         for m in paths:
-            path = checkpoint.resolve(m, MODELS_DIR)
+            path = checkpoint.resolve(m, models_dir())
             ck = checkpoint.load(path)
             if ck.model.cell == "esn":
                 fail(f"{path} is an Echo State Network: its reservoir is fixed and no gradient flows through "
@@ -116,16 +117,16 @@ def grads_cmd(
                 jobs.append((f"{c} (untrained)", mdl, ids, None))
 
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-        from .cli import err
+        from .common import err
         results = []
-        with _limit_threads(threads):
+        with limit_threads(threads):
             t0 = time.perf_counter()
             with err.status("Compiling kernels (first run only; cached afterwards)…"):
                 for c in dict.fromkeys(mdl.cfg.cell for _, mdl, _, _ in jobs):
                     grads.warm_up(next(mdl for _, mdl, _, _ in jobs if mdl.cfg.cell == c))
             if time.perf_counter() - t0 > 3 and not as_json:
                 err.print(f"Kernels compiled in {time.perf_counter() - t0:.1f} s (cached for next time).")
-        with _limit_threads(threads), Progress(
+        with limit_threads(threads), Progress(
                 TextColumn("[bold]grads[/] {task.description}"), BarColumn(), TaskProgressColumn(),
                 TimeRemainingColumn(), console=err, transient=True, disable=as_json) as progress:
             for label, mdl, ids, rec in jobs:
@@ -140,7 +141,7 @@ def grads_cmd(
             grads.plot(results, plot_file)
         if as_json:
             objs = [r.to_dict() for r in results]
-            print(_dumps(objs[0] if len(objs) == 1 else objs))
+            print(dumps(objs[0] if len(objs) == 1 else objs))
             return
         _render(results, plot_file)
     except CharlmError as e:
@@ -155,8 +156,8 @@ def _render(results, plot_file) -> None:
     import numpy as np
     from rich.table import Table
     from rich.markup import escape
-    from .cli import out
-    from . import grads
+    from .common import out
+    from ..lm import grads
 
     K = results[0].max_lag
     table = Table(title=f"mean ||dL_T/dh_(T-k)|| over {results[0].windows} windows (first layer)")
@@ -200,7 +201,3 @@ def _render(results, plot_file) -> None:
 
 grads_cmd.__doc__ = GRADS_HELP
 
-
-def register(app: typer.Typer) -> None:
-    """Add the grads command to app."""
-    app.command("grads")(grads_cmd)

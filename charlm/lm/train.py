@@ -23,12 +23,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import checkpoint as ckpt_mod
-from .config import ModelConfig, TrainConfig
-from .data import (TOKENS_FILE, VAL_TOKENS_FILE, Batches, Vocab, eval_windows, file_digest, open_tokens,
+from ..config import ModelConfig, TrainConfig
+from ..data import (TOKENS_FILE, VAL_TOKENS_FILE, Batches, Vocab, eval_windows, file_digest, open_tokens,
                    scan_vocab, split_train_val, write_tokens)
-from .errors import CharlmError
+from ..errors import CharlmError
 from .model import Model, build_model, create_model
-from .optim import clip_scale, grad_norm, make_optimizer
+from ..optim import clip_scale, grad_norm, make_optimizer
 from .score import safe_exp
 
 LN2 = math.log(2.0)

@@ -48,8 +48,8 @@ from typing import Callable
 import numba
 import numpy as np
 
-from .config import ModelConfig
-from .errors import CharlmError
+from ..config import ModelConfig
+from ..errors import CharlmError
 from .model import Model
 
 PLOT_HINT = 'plotting needs matplotlib: pip install "charlm[plot]" (or pip install matplotlib)'

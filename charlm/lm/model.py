@@ -22,41 +22,20 @@ G gates (rnn 1, gru 3, lstm 4), M = T*N.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 
-from .blas import load_blas
-from .config import ModelConfig
-from .errors import CharlmError
-from .kernels import common, gru, lstm, rnn
+from ..config import ModelConfig
+from ..errors import CharlmError
+from ..kernels import gru, layers, lstm, rnn
 
 _CELL_KERNELS = {
     "rnn": (rnn.rnn_forward, rnn.rnn_backward),
     "gru": (gru.gru_forward, gru.gru_backward),
     "lstm": (lstm.lstm_forward, lstm.lstm_backward),
 }
-
-
-@contextmanager
-def compute_threads(n: int | None = None):
-    """Run the kernels on n threads (default: every core). Numba splits the work
-    (LSTM time loops by hidden units, GRU/RNN ones by batch rows, whole-window
-    products by time or rows) and every BLAS call stays single-threaded: a BLAS
-    thread waiting for a core that is busy elsewhere would otherwise stall every
-    time step."""
-    load_blas()  # load the BLAS Numba calls now, so that the limit reaches it
-    from threadpoolctl import threadpool_limits
-    n = n or numba.config.NUMBA_NUM_THREADS
-    old = numba.get_num_threads()
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
-    finally:
-        numba.set_num_threads(old)
 
 
 def acts_width(cfg: ModelConfig) -> int:
@@ -203,7 +182,7 @@ class Model:
         cfg, p = self.cfg, self.params
         ws = self._workspace(T, N)
         ids = np.ascontiguousarray(x).reshape(T * N)
-        common.embedding_forward(ws.emb.reshape(T * N, cfg.embed), ids, p["embedding.weight"])
+        layers.embedding_forward(ws.emb.reshape(T * N, cfg.embed), ids, p["embedding.weight"])
         for k in range(cfg.layers):
             if k == 0:
                 inp = ws.emb
@@ -221,7 +200,7 @@ class Model:
                       p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"],
                       p[f"rnn.bias_ih_l{k}"], p[f"rnn.bias_hh_l{k}"], numba.get_num_threads())
         top = ws.hs[-1][1:].reshape(T * N, cfg.hidden)
-        common.linear_forward(ws.logits, top, p["decoder.weight"], p["decoder.bias"], numba.get_num_threads())
+        layers.linear_forward(ws.logits, top, p["decoder.weight"], p["decoder.bias"], numba.get_num_threads())
         return ws
 
     def _final_state(self, ws: _Workspace) -> State:
@@ -232,7 +211,7 @@ class Model:
     def loss(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[float, State]:
         """Mean cross-entropy (nats) of targets y (T, N) given inputs x (T, N); no dropout."""
         ws = self._forward(x, state, None)
-        total = common.softmax_xent_forward(ws.logits, ws.logits, np.ascontiguousarray(y).reshape(-1),
+        total = layers.softmax_xent_forward(ws.logits, ws.logits, np.ascontiguousarray(y).reshape(-1),
                                             numba.get_num_threads())
         return float(total) / y.size, self._final_state(ws)  # float: a NumPy scalar without the JIT
 
@@ -240,7 +219,7 @@ class Model:
         """log P(y[t, n] | inputs up to x[t, n]) as float64 (T, N), and the state after."""
         ws = self._forward(x, state, None)
         out = np.empty(y.size, dtype=np.float64)
-        common.log_softmax_gather(out, ws.logits, np.ascontiguousarray(y).reshape(-1), numba.get_num_threads())
+        layers.log_softmax_gather(out, ws.logits, np.ascontiguousarray(y).reshape(-1), numba.get_num_threads())
         return out.reshape(y.shape), self._final_state(ws)
 
     def probs_last(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
@@ -265,8 +244,8 @@ class Model:
         targets = np.ascontiguousarray(y).reshape(M)
         targets_in = np.ascontiguousarray(x).reshape(M)
         parts = numba.get_num_threads()
-        total = common.softmax_xent_forward(ws.logits, ws.logits, targets, parts)
-        common.softmax_xent_backward(ws.logits, ws.logits, targets, 1.0 / M, parts)
+        total = layers.softmax_xent_forward(ws.logits, ws.logits, targets, parts)
+        layers.softmax_xent_backward(ws.logits, ws.logits, targets, 1.0 / M, parts)
         for g in grads.values():
             g.fill(0)
         for d in ws.dhs:
@@ -274,7 +253,7 @@ class Model:
         ws.dh0.fill(0)
         ws.dc0.fill(0)
         top = ws.hs[-1][1:].reshape(M, cfg.hidden)
-        common.linear_backward(ws.dhs[-1].reshape(M, cfg.hidden), grads["decoder.weight"],
+        layers.linear_backward(ws.dhs[-1].reshape(M, cfg.hidden), grads["decoder.weight"],
                                grads["decoder.bias"], ws.logits, top, p["decoder.weight"], parts)
         dropout = cfg.dropout > 0 and rng is not None
         for k in range(cfg.layers - 1, -1, -1):
@@ -289,5 +268,5 @@ class Model:
                 if dropout:
                     np.multiply(dx, ws.masks[k], out=dx)
                 ws.dhs[k - 1] += dx
-        common.embedding_backward(grads["embedding.weight"], ws.dx[0].reshape(M, cfg.embed), targets_in)
+        layers.embedding_backward(grads["embedding.weight"], ws.dx[0].reshape(M, cfg.embed), targets_in)
         return float(total) / M, self._final_state(ws)

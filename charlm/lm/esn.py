@@ -34,10 +34,10 @@ import math
 import numba
 import numpy as np
 
-from .config import ModelConfig
-from .errors import CharlmError
-from .kernels import common
-from .kernels.esn import csr_matvec, esn_forward
+from ..config import ModelConfig
+from ..errors import CharlmError
+from ..kernels import layers
+from ..kernels.esn import csr_matvec, esn_forward
 
 TRAINABLE = ("decoder.weight", "decoder.bias")
 RESERVOIR = ("reservoir.input_weight", "reservoir.bias", "reservoir.W_data", "reservoir.W_indices",
@@ -176,13 +176,13 @@ class EsnModel:
         ws = self._workspace(T, N)
         ids = np.ascontiguousarray(x).reshape(T * N)
         u = ws.u.reshape(T * N, H)
-        common.embedding_forward(u, ids, p["reservoir.input_weight"])
+        layers.embedding_forward(u, ids, p["reservoir.input_weight"])
         u += p["reservoir.bias"]
         ws.hs[0] = state.h[0]
         esn_forward(ws.hs, ws.u, p["reservoir.W_data"], p["reservoir.W_indices"], p["reservoir.W_indptr"],
                     float(self.cfg.leak), numba.get_num_threads())
         if logits:
-            common.linear_forward(ws.logits, ws.hs[1:].reshape(T * N, H), p["decoder.weight"], p["decoder.bias"],
+            layers.linear_forward(ws.logits, ws.hs[1:].reshape(T * N, H), p["decoder.weight"], p["decoder.bias"],
                                   numba.get_num_threads())
         return ws
 
@@ -193,14 +193,14 @@ class EsnModel:
 
     def loss(self, x: np.ndarray, y: np.ndarray, state):
         ws = self._forward(x, state)
-        total = common.softmax_xent_forward(ws.logits, ws.logits, np.ascontiguousarray(y).reshape(-1),
+        total = layers.softmax_xent_forward(ws.logits, ws.logits, np.ascontiguousarray(y).reshape(-1),
                                             numba.get_num_threads())
         return float(total) / y.size, self._final_state(ws)
 
     def token_logprobs(self, x: np.ndarray, y: np.ndarray, state):
         ws = self._forward(x, state)
         out = np.empty(y.size, dtype=np.float64)
-        common.log_softmax_gather(out, ws.logits, np.ascontiguousarray(y).reshape(-1), numba.get_num_threads())
+        layers.log_softmax_gather(out, ws.logits, np.ascontiguousarray(y).reshape(-1), numba.get_num_threads())
         return out.reshape(y.shape), self._final_state(ws)
 
     def probs_last(self, x: np.ndarray, state):
@@ -220,10 +220,10 @@ class EsnModel:
         parts = numba.get_num_threads()
         ws = self._forward(x, state)
         targets = np.ascontiguousarray(y).reshape(M)
-        total = common.softmax_xent_forward(ws.logits, ws.logits, targets, parts)
-        common.softmax_xent_backward(ws.logits, ws.logits, targets, 1.0 / M, parts)
+        total = layers.softmax_xent_forward(ws.logits, ws.logits, targets, parts)
+        layers.softmax_xent_backward(ws.logits, ws.logits, targets, 1.0 / M, parts)
         for g in grads.values():
             g.fill(0)
-        common.linear_backward(ws.no_dx, grads["decoder.weight"], grads["decoder.bias"], ws.logits,
+        layers.linear_backward(ws.no_dx, grads["decoder.weight"], grads["decoder.bias"], ws.logits,
                                ws.hs[1:].reshape(M, H), p["decoder.weight"], parts)
         return float(total) / M, self._final_state(ws)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from .data import Vocab
+from ..data import Vocab
 from .model import Model
 
 LN10 = math.log(10.0)

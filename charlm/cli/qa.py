@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import CharlmError
+from ..errors import CharlmError
 
 qa_app = typer.Typer(
     help="Question answering over short stories with an end-to-end memory network: train on bAbI-format "
@@ -56,8 +56,8 @@ Threads = Annotated[Optional[int], typer.Option(help="Threads to compute with. D
 
 def _configs(encoder, dim, hops, memory_size, epochs, minutes, batch, lr, optimizer, clip, anneal_every,
              val_frac, linear_start, noise, supervise_facts, runs, seed, relative=0, mlp=0, repeat_last_fact=False):
-    from .qa.model import QAConfig
-    from .qa.train import QATrainConfig
+    from ..qa.model import QAConfig
+    from ..qa.train import QATrainConfig
     if minutes is not None and minutes <= 0:
         raise CharlmError(f"--minutes must be positive, got {minutes}")
     if repeat_last_fact and not supervise_facts:
@@ -94,19 +94,19 @@ def train_cmd(
     With --json: one object per epoch {"event": "epoch", "epoch", "phase", "train_loss", "train_acc",
     "val_loss", "val_acc", "lr", "seconds"} and a last {"event": "done", ..., "checkpoint"}.
     """
-    from ._entry import gc_on
+    from ..runtime import gc_on
     gc_on()  # a long run: the cyclic collector back on (off for start-up)
-    from .cli import _limit_threads, _run_dir_name, _StopFlag, err, fail, out
-    from .qa import babi
-    from .qa.train import train
+    from .common import limit_threads, run_dir_name, StopFlag, err, fail, out
+    from ..qa import babi
+    from ..qa.train import train
     try:
         cfg, tcfg = _configs(encoder, dim, hops, memory_size, epochs, minutes, batch, lr, optimizer, clip,
                              anneal_every, val_frac, linear_start, noise, supervise_facts, runs, seed,
                              relative, mlp, repeat_last_fact)
         questions = babi.read(file)
         name = "stdin" if file == "-" else Path(file).name
-        run_dir = Path(out_dir) if out_dir else _run_dir_name(name, f"qa-{encoder}")
-        with _StopFlag() as stop, _limit_threads(threads):
+        run_dir = Path(out_dir) if out_dir else run_dir_name(name, f"qa-{encoder}")
+        with StopFlag() as stop, limit_threads(threads):
             events = train(questions, cfg, tcfg, str(run_dir), source=name, should_stop=stop)
             done = _render_train(events, as_json, tcfg.epochs, tcfg.runs)
         if stop.signum:
@@ -129,12 +129,12 @@ def train_cmd(
 def _render_train(events, as_json: bool, epochs: int, runs: int) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .cli import _dumps, err
+    from .common import dumps, err
     done = None
     if as_json:
         for ev in events:
             if ev["event"] in ("epoch", "done"):
-                print(_dumps(_public(ev)), flush=True)
+                print(dumps(_public(ev)), flush=True)
             if ev["event"] == "done":
                 done = ev
         return done
@@ -166,17 +166,17 @@ def eval_cmd(
 
     --json gives {"n_questions", "accuracy", "error_pct"}.
     """
-    from .cli import _dumps, fail, out
-    from .qa import babi
-    from .qa.checkpoint import load
-    from .qa.train import QAModel, evaluate
+    from .common import dumps, fail, out
+    from ..qa import babi
+    from ..qa.checkpoint import load
+    from ..qa.train import QAModel, evaluate
     try:
         if not model:
             raise CharlmError("give the model to evaluate: --model FILE_OR_FOLDER")
         m = QAModel(load(model))
         r = evaluate(m, babi.read(file))
         if as_json:
-            print(_dumps({k: r[k] for k in ("n_questions", "accuracy", "error_pct")}))
+            print(dumps({k: r[k] for k in ("n_questions", "accuracy", "error_pct")}))
             return
         out.print(f"questions = {r['n_questions']:,}   correct = {r['correct']:,}   accuracy = "
                   f"{100 * r['accuracy']:.2f} %   error = {r['error_pct']:.2f} %")
@@ -209,24 +209,24 @@ def ask_cmd(
     """
     from rich.table import Table
 
-    from .cli import _dumps, fail, out
-    from .qa import babi
-    from .qa.checkpoint import load
-    from .qa.train import QAModel, ask
+    from .common import dumps, fail, out
+    from ..qa import babi
+    from ..qa.checkpoint import load
+    from ..qa.train import QAModel, ask
     try:
         if not model:
             raise CharlmError("give the model to ask: --model FILE_OR_FOLDER")
         if (story is None) == (story_file is None):
             raise CharlmError("give the story with either --story \"...\" or --story-file FILE")
         if story_file is not None:
-            from .data import read_text
+            from ..data import read_text
             text = read_text(story_file, what="story file")
         else:
             text = story
         m = QAModel(load(model))
         r = ask(m, babi.split_story(text), question)
         if as_json:
-            print(_dumps(r, ensure_ascii=False))
+            print(dumps(r, ensure_ascii=False))
             return
         t = Table(title=f"story selection over {len(r['memories'])} memories"
                         + (f" ({r['forgotten']} older sentences forgotten)" if r["forgotten"] else ""))
@@ -285,14 +285,14 @@ def babi_cmd(
     "epochs", "seconds", "ref_lstm", "ref_memnn", "ref_memn2n"}], "mean_error_pct", "failed", "n_tasks",
     "seconds", "encoder", "runs", "hops", "supervise_facts", "reference"}.
     """
-    from ._entry import gc_on
+    from ..runtime import gc_on
     gc_on()  # a long run: the cyclic collector back on (off for start-up)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from .cli import _StopFlag, _dumps, _limit_threads, err, fail, out
-    from .qa import babi
-    from .qa.train import REFERENCE_MEAN, suite
+    from .common import StopFlag, dumps, limit_threads, err, fail, out
+    from ..qa import babi
+    from ..qa.train import REFERENCE_MEAN, suite
     try:
         encoders = [e.strip() for e in encoder.split(",")]
         try:
@@ -315,7 +315,7 @@ def babi_cmd(
                                  relative, mlp, repeat_last_fact)
         task_list = babi.parse_tasks(tasks)
         summary = None
-        with _StopFlag() as stop, _limit_threads(threads):
+        with StopFlag() as stop, limit_threads(threads):
             events = suite(folder, task_list, cfg, tcfg, out_dir, should_stop=stop, choices=choices)
             if as_json:
                 for ev in events:
@@ -337,7 +337,7 @@ def babi_cmd(
                             summary = ev
         ref = {k: {"mean_error_pct": v[0], "failed": v[1]} for k, v in REFERENCE_MEAN.items()}
         if as_json:
-            print(_dumps({**summary, "reference": ref}))
+            print(dumps({**summary, "reference": ref}))
             return
         sup = "strongly supervised (--supervise-facts)" if tcfg.supervise_facts else "weakly supervised"
         several = len(choices) > 1
@@ -369,7 +369,3 @@ def babi_cmd(
     except CharlmError as e:
         fail(str(e))
 
-
-def register(app: typer.Typer) -> None:
-    """Add the qa command group to app."""
-    app.add_typer(qa_app, name="qa")

@@ -1,4 +1,6 @@
-"""Load the BLAS that Numba's np.dot calls, without importing scipy.linalg.
+"""The process around the kernels: the BLAS they call, how many threads they use, the garbage collector.
+
+load_blas: load the BLAS that Numba's np.dot calls, without importing scipy.linalg.
 
 Numba finds sgemm/dgemm through the C API capsules of `scipy.linalg.cython_blas`
 (it imports that module by name from C the first time a kernel multiplies). Importing
@@ -14,11 +16,13 @@ If SciPy is laid out differently (no such file), fall back to the ordinary impor
 
 from __future__ import annotations
 
+import gc
 import glob
 import importlib.machinery
 import importlib.util
 import os
 import sys
+from contextlib import contextmanager
 
 _NAME = "scipy.linalg.cython_blas"
 
@@ -53,3 +57,31 @@ def _load_from_file() -> None:
     loader.exec_module(module)
     if not getattr(module, "__pyx_capi__", None):
         raise ImportError("scipy.linalg.cython_blas has no C API table")
+
+
+@contextmanager
+def compute_threads(n: int | None = None):
+    """Run the kernels on n threads (default: every core). Numba splits the work
+    (LSTM time loops by hidden units, GRU/RNN ones by batch rows, whole-window
+    products by time or rows) and every BLAS call stays single-threaded: a BLAS
+    thread waiting for a core that is busy elsewhere would otherwise stall every
+    time step."""
+    import numba
+    from threadpoolctl import threadpool_limits
+    load_blas()  # load the BLAS Numba calls now, so that the limit reaches it
+    n = n or numba.config.NUMBA_NUM_THREADS
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(old)
+
+
+def gc_on() -> None:
+    """The cyclic garbage collector back on (the console script starts without it: see
+    charlm._entry); what start-up created is frozen out of its later passes."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()

@@ -6,9 +6,9 @@ from typing import Iterator
 import numba
 import numpy as np
 
-from .data import Vocab
-from .errors import CharlmError
-from .kernels.sample import CELL_CODES, pack, stack_sample
+from ..data import Vocab
+from ..errors import CharlmError
+from ..kernels.sample import CELL_CODES, pack, stack_sample
 from .model import Model
 
 
@@ -23,7 +23,7 @@ def _stack_sampler(model: Model):
 
 
 def _esn_sampler(model):
-    from .kernels.esn import esn_sample
+    from ..kernels.esn import esn_sample
     p = model.params
     WoutT = np.ascontiguousarray(p["decoder.weight"].T)
     arrays = (p["reservoir.input_weight"], p["reservoir.bias"], p["reservoir.W_data"], p["reservoir.W_indices"],

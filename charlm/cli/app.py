@@ -1,0 +1,59 @@
+"""The Typer app: every command registered here; main() is the console script's body.
+
+Library errors (CharlmError) become one line on stderr and exit code 1; never a traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.markup import escape
+
+from .common import err, unwrap_help
+from .grads import grads_cmd
+from .qa import qa_app
+from .train import train_cmd
+from .use import eval_cmd, sample_cmd, score_cmd
+
+app = typer.Typer(
+    help="Train recurrent language models (RNN, GRU, LSTM) on your text, sample from them, and score text "
+         "by the chain rule.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app.command("train")(train_cmd)
+app.command("sample")(sample_cmd)
+app.command("score")(score_cmd)
+app.command("eval")(eval_cmd)
+app.command("grads")(grads_cmd)
+app.add_typer(qa_app, name="qa")
+
+
+def _unwrap_all(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        info.callback.__doc__ = unwrap_help(info.callback.__doc__)
+    for group in typer_app.registered_groups:
+        _unwrap_all(group.typer_instance)
+
+
+_unwrap_all(app)
+
+
+
+def main():
+    """Console-script entry: any unexpected error is one line unless CHARLM_DEBUG=1."""
+    for stream in (sys.stdout, sys.stderr):
+        # bytes of the command line that are not valid UTF-8 arrive as lone surrogates (PEP 383);
+        # echoing them (a --prime, an OOV character) must write those bytes back, not crash
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # a bug: still no wall of text for the user
+        if os.environ.get("CHARLM_DEBUG"):
+            raise
+        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} "
+                  f"(set CHARLM_DEBUG=1 to see the traceback, and please report it)")
+        sys.exit(1)

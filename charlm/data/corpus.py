@@ -1,0 +1,135 @@
+"""Reading text: files, standard input or the built-in corpus, streamed in pieces that end at line
+boundaries, with errors a person can act on (the file, the byte offset, the flag to pass)."""
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+from ..errors import CharlmError
+
+
+def default_corpus() -> tuple[str, str]:
+    """The English documentation text every CPython installation carries
+    (pydoc_data.topics, ~460 KB): a corpus that needs no download."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # pragma: no cover - stripped Python builds
+        raise CharlmError("this Python has no pydoc_data module; give a corpus file: charlm train FILE") from None
+    return "\n".join(topics[k] for k in sorted(topics)), "pydoc-topics"
+
+
+def _check_source(path: str, what: str) -> None:
+    """Refuse missing files, directories, FIFOs and devices with a clear message."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CharlmError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CharlmError(f"{path} is a directory; give a text file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CharlmError(f"{path} is not a regular file (a FIFO, socket or device); give a text file")
+
+
+def _check_codec(encoding: str, errors: str) -> None:
+    import codecs
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise CharlmError(f"unknown --encoding {encoding!r}") from None
+    if errors not in ("strict", "replace", "ignore"):
+        raise CharlmError(f"--errors must be strict, replace or ignore, got {errors!r}")
+
+
+def check_text_file(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus") -> None:
+    """The checks iter_text makes before it reads (codec, --errors value, a readable
+    regular file), done at once and without reading: iter_text is a generator and
+    runs them only when first iterated."""
+    _check_codec(encoding, errors)
+    if path == "-":
+        return
+    _check_source(path, what)
+    try:
+        open(path, "rb").close()
+    except PermissionError:
+        raise CharlmError(f"permission denied reading {what} {path}") from None
+    except OSError as e:
+        raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def iter_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus",
+              chunk_bytes: int = 1 << 24):
+    """Stream a text file ('-' is standard input) as str pieces that end at line
+    boundaries (all but the last), decoding incrementally, so a corpus larger
+    than memory can be read. A UTF-8 byte-order mark is dropped and CRLF / CR
+    line ends become LF. Errors name the problem and the byte offset."""
+    import codecs
+    _check_codec(encoding, errors)
+    if path == "-":
+        f = sys.stdin.buffer
+        name = "standard input"
+    else:
+        _check_source(path, what)
+        name = path
+        try:
+            f = open(path, "rb")
+        except PermissionError:
+            raise CharlmError(f"permission denied reading {what} {path}") from None
+        except OSError as e:
+            raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
+    fed = 0          # bytes handed to the decoder so far
+    carry = ""       # text after the last newline, held for the next piece
+    first = True
+    try:
+        while True:
+            try:
+                data = f.read(chunk_bytes)
+            except OSError as e:
+                raise CharlmError(f"cannot read {what} {name}: {e.strerror}") from None
+            final = not data
+            if first and utf8 and data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+                fed += 3
+            first = False
+            buffered = len(decoder.getstate()[0]) if hasattr(decoder, "getstate") else 0
+            try:
+                text = decoder.decode(data, final=final)
+            except UnicodeDecodeError as e:
+                offset = fed - buffered + e.start
+                bad = e.object[e.start] if e.start < len(e.object) else 0
+                raise CharlmError(
+                    f"{name} is not valid {encoding}: bad byte 0x{bad:02x} at offset {offset}; "
+                    f"pass --encoding ENCODING, or --errors replace to substitute U+FFFD") from None
+            fed += len(data)
+            text, carry = carry + text, ""  # drop the old carry now: it can be most of a long line
+            if final:
+                if text:
+                    yield _normalize_newlines(text)
+                return
+            cut = text.rfind("\n")
+            if cut < 0:
+                carry = text
+                continue
+            carry = text[cut + 1:]
+            yield _normalize_newlines(text[:cut + 1])
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def _normalize_newlines(text: str) -> str:
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def read_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus") -> str:
+    """Read a whole text file ('-' is standard input) with errors a person can act on.
+
+    A UTF-8 byte-order mark is dropped and CRLF / CR line ends become LF.
+    """
+    return "".join(iter_text(path, encoding, errors, what))

@@ -1,0 +1,136 @@
+"""How kernels split work between threads, and the pieces the by-units loops share.
+
+Two cores are used by splitting work between threads (numba prange) with each BLAS
+call single-threaded. The caller keeps BLAS at one thread and passes parts = the
+number of threads (kernels read no globals: Numba's get_num_threads() would also
+make them uncacheable).
+
+Dimensions: N batch, H hidden, G gates (rnn 1, gru 3, lstm 4), R rows of a part.
+"""
+import numpy as np
+from numba import njit
+
+JIT = dict(cache=True, error_model="numpy", nogil=True)
+# Two cores are used by splitting work between threads (numba prange) with each
+# BLAS call single-threaded, rather than letting BLAS split every small per-step
+# product: GRU/RNN recurrences are split by batch rows (no synchronisation inside
+# the time loop), the LSTM's by hidden units (a barrier per step, larger products:
+# see lstm.py), whole-window products by time or rows. The caller keeps BLAS at one thread
+# and passes parts = the number of threads (kernels read no globals: Numba's
+# get_num_threads() would also make them uncacheable).
+PJIT = dict(JIT, parallel=True)
+
+
+@njit(**JIT)
+def chunk(c, nc, n):
+    """Bounds [lo, hi) of part c of nc near-equal parts of range(n)."""
+    return c * n // nc, (c + 1) * n // nc
+
+
+@njit(**JIT)
+def n_parts(parts, n):
+    """How many parts to split n rows into: `parts` (one per thread), at most n."""
+    return max(1, min(parts, n))
+
+
+
+# ------------------------------------------------------------ split by hidden units
+# With several threads, each step's recurrent product is split by hidden units
+# rather than by batch rows: thread c owns units [j0, j1) of every gate, so it
+# multiplies all N rows by its 4(j1 - j0) rows of W_hh. For N 32, H 256 on two
+# threads that is a 32x256 by 256x512 product per thread (66 us as h W^T)
+# instead of 16x256 by 256x1024 (94 us): thin products run far below BLAS's
+# large-matrix speed. The price is a barrier per step (the next step needs all
+# of h): one prange per step, 1-2 us with the OpenMP layer. The gate activations
+# are split the same way, so they stay on the thread that computed their inputs.
+# The same code with one part is also the fastest single-threaded loop (W h^T in
+# row blocks: 7.9 ms against 10.8 for the plain loop's h W^T, H 256, forward);
+# the plain loops remain for fewer than 16 units and as the tests' reference.
+
+@njit(**JIT)
+def unit_parts(parts, H):
+    """How many unit parts: one per thread, each at least 16 units (a vector or two)."""
+    return max(1, min(parts, H // 16))
+
+
+@njit(**JIT)
+def pack_unit_rows(Whh, nc):
+    """W_hh (G H, H) -> (nc, G wmax, H): part c's rows of its units [j0, j1) in
+    each of the G gate blocks ([i | f | g | o] for the LSTM, [r | z | n] for the
+    GRU), contiguous, so one product gives all its gate blocks."""
+    GH, H = Whh.shape
+    G = GH // H
+    wmax = (H + nc - 1) // nc
+    out = np.zeros((nc, G * wmax, H), dtype=Whh.dtype)
+    for c in range(nc):
+        j0, j1 = chunk(c, nc, H)
+        w = j1 - j0
+        for g in range(G):
+            out[c, g * w:(g + 1) * w] = Whh[g * H + j0:g * H + j1]
+    return out
+
+
+@njit(**JIT)
+def transpose_into(out, a):
+    """out (n, m) = a.T for a (m, n). Full 16 x 16 tiles go through views with
+    constant bounds, which LLVM turns into vector shuffles (3 us for 512 x 32,
+    against 9 for plain loops, tiled or not); the edges element by element."""
+    m, n = a.shape
+    m16, n16 = m - m % 16, n - n % 16
+    for i0 in range(0, m16, 16):
+        for k0 in range(0, n16, 16):
+            blk = a[i0:i0 + 16, k0:k0 + 16]
+            ob = out[k0:k0 + 16, i0:i0 + 16]
+            for k in range(16):
+                for i in range(16):
+                    ob[k, i] = blk[i, k]
+    for i in range(m):
+        for k in range(n16 if i < m16 else 0, n):
+            out[k, i] = a[i, k]
+
+
+@njit(**JIT)
+def small_rows(M, K, N):
+    """Rows per call when a per-step product (M x K) @ (K x N) is cut into row
+    blocks: the largest power of two from 16 with rows K N <= 1e6, or M (no cut).
+    OpenBLAS computes products up to that size with its small-matrix kernels,
+    without packing the operands first; at these sizes that is faster than one
+    packed product (forward, N 32, H 256: 36 us in blocks of 64 rows against
+    44; backward 37 against 46), while a block just over the limit is slower."""
+    r = 16
+    if r * K * N > 1_000_000:
+        return M
+    while 2 * r * K * N <= 1_000_000:
+        r *= 2
+    return min(r, M)
+
+
+@njit(**JIT)
+def dot_rows(A, B, out, rows):
+    """out (M, N) = A (M, K) @ B (K, N), in blocks of `rows` rows (small_rows)."""
+    M = A.shape[0]
+    for r0 in range(0, M, rows):
+        r1 = min(r0 + rows, M)
+        np.dot(A[r0:r1], B, out[r0:r1])
+
+
+@njit(**JIT)
+def state_T(h0):
+    """h0 (N, H) -> (2, H, N) with [0] = h0^T: the transposed state the by-units
+    loops multiply, double-buffered by step parity (a part writes step t + 1's
+    units while another may still read step t's)."""
+    N, H = h0.shape
+    hT = np.empty((2, H, N), dtype=h0.dtype)
+    transpose_into(hT[0], h0)
+    return hT
+
+
+@njit(**JIT)
+def unit_product(W, hT, buf):
+    """One part's rows of a step's recurrent product, unit-major: W (R, H) rows of
+    W_hh (a part's packed gate rows), hT (H, N); returns the (R, N) view of the
+    work space buf (R N or more,) holding W h^T, computed in row blocks (small_rows)."""
+    R, N = W.shape[0], hT.shape[1]
+    rT = buf[:R * N].reshape(R, N)
+    dot_rows(W, hT, rT, small_rows(R, hT.shape[0], N))
+    return rT
