@@ -12,13 +12,12 @@ from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import CharlmError
 from charlm.lm.esn import EsnModel, connectivity_of, spectral_radius
 from charlm.kernels.esn import esn_forward
-from charlm.lm.model import build_model
+from charlm.lm.models import build_model
 from charlm.runtime import compute_threads
 from charlm.lm.sample import generate
 from charlm.lm.score import score_text
 from charlm.lm.train import train
-from tests.helpers import TINY, tiny_text
-from tests.test_cli import failed, ok, run_cli  # noqa: F401  (run_cli is a fixture)
+from tests.helpers import TINY, failed, ok, tiny_text
 
 N, T, V, H = 3, 6, 7, 20
 
@@ -61,7 +60,7 @@ def test_reservoir_kernel_matches_dense_reference(rng, parts):
     ref = esn_reference(x, h0, p["reservoir.input_weight"], p["reservoir.bias"], dense_W(p, H), 0.7)
     np.testing.assert_allclose(hs, ref, rtol=1e-12, atol=1e-12)
     # and through the model, from a carried state
-    from charlm.lm.model import State
+    from charlm.lm.base import State
     states = m.states(x, State(h0[None], np.zeros_like(h0[None])))
     np.testing.assert_allclose(states, ref, rtol=1e-12, atol=1e-12)
 

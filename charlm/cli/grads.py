@@ -1,9 +1,8 @@
-"""`charlm grads`: gradient flow through time (command line only; the work is in charlm.grads)."""
+"""`charlm grads`: gradient flow through time. Parse, call charlm.lm.grads, render."""
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
@@ -35,11 +34,6 @@ given; non-finite numbers are null.
 GRADS_HELP = "\n\n".join(" ".join(p.split()) for p in _HELP.split("\n\n"))
 
 
-def _label_of(path: str) -> str:
-    p = Path(path)
-    return p.parent.name or p.name
-
-
 def grads_cmd(
     corpus: Annotated[Optional[str], typer.Argument(
         help="UTF-8 text to take the windows from ('-' reads standard input). Required with --cell; with "
@@ -65,78 +59,21 @@ def grads_cmd(
     threads: Annotated[Optional[int], typer.Option(help="Threads to compute with. Default: every core.",
                                                    show_default=False)] = None,
 ):
-    from .common import dumps, limit_threads, fail, warn
-    from ..lm import checkpoint, grads
-    from ..data import Vocab, open_tokens, read_text
+    from .common import dumps, fail, limit_threads, warn
+    from ..lm import grads
 
     try:
-        if max_lag < 0:
-            fail(f"--max-lag must be 0 or positive, got {max_lag}")
-        if windows <= 0:
-            fail(f"--windows must be positive, got {windows}")
-        if warmup < 0:
-            fail(f"--warmup must be 0 or positive, got {warmup}")
-        for c in cell or []:
-            if c not in ("rnn", "gru", "lstm"):
-                fail(f"--cell must be rnn, gru or lstm, got {c!r}")
-        if cell and corpus is None:
-            fail("--cell needs a CORPUS to take the windows from: charlm grads FILE --cell " + cell[0])
+        grads.check_options(max_lag, windows, warmup)
         if plot_file is not None:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                fail(grads.PLOT_HINT)
-        text = read_text(corpus) if corpus is not None else None
-        jobs = []  # (label, model, ids, training record)
-        paths = list(model or [])
-        if not paths and not cell:
-            paths = [None]  # the most recent run
-        from ..lm.model import Model
-        for m in paths:
-            path = checkpoint.resolve(m, models_dir())
-            ck = checkpoint.load(path)
-            if ck.model.cell == "esn":
-                fail(f"{path} is an Echo State Network: its reservoir is fixed and no gradient flows through "
-                     f"time in it (only the readout is trained); grads measures rnn, gru and lstm models")
-            if text is not None:
-                ids, oov = ck.vocab.encode(text)
-                if oov and ck.vocab.level == "char":
-                    warn(f"{len(oov)} character(s) of CORPUS not in the vocabulary of {path} were left out")
-            else:
-                tok = ck.data.get("tokens")
-                tpath = Path(path).parent / tok if tok else None
-                if tpath is None or not tpath.is_file():
-                    fail(f"{path} keeps no training text (its run's token file is missing): give a CORPUS")
-                ids = open_tokens(tpath, ck.data["dtype"])
-            jobs.append((_label_of(path), Model(ck.model, ck.params), ids, grads.training_record(ck)))
-        if cell:
-            vocab = Vocab.from_text(text)
-            ids = vocab.encode_corpus(text)
-            for c in cell:
-                mdl = grads.fresh_model(c, len(vocab), hidden=hidden, layers=layers, embed=embed, seed=seed)
-                jobs.append((f"{c} (untrained)", mdl, ids, None))
-
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-        from .common import err
-        results = []
+            _require_matplotlib(grads.PLOT_HINT)
+        jobs = grads.make_jobs(corpus, model or (), cell or (), hidden=hidden, layers=layers, embed=embed,
+                               seed=seed, root=models_dir())
+        for job in jobs:
+            if job.warning:
+                warn(job.warning)
         with limit_threads(threads):
-            t0 = time.perf_counter()
-            with err.status("Compiling kernels (first run only; cached afterwards)…"):
-                for c in dict.fromkeys(mdl.cfg.cell for _, mdl, _, _ in jobs):
-                    grads.warm_up(next(mdl for _, mdl, _, _ in jobs if mdl.cfg.cell == c))
-            if time.perf_counter() - t0 > 3 and not as_json:
-                err.print(f"Kernels compiled in {time.perf_counter() - t0:.1f} s (cached for next time).")
-        with limit_threads(threads), Progress(
-                TextColumn("[bold]grads[/] {task.description}"), BarColumn(), TaskProgressColumn(),
-                TimeRemainingColumn(), console=err, transient=True, disable=as_json) as progress:
-            for label, mdl, ids, rec in jobs:
-                task = progress.add_task(label, total=max_lag + 1)
-                r = grads.measure(mdl, ids, max_lag=max_lag, windows=windows, warmup=warmup, label=label,
-                                  progress=lambda d, n, task=task: progress.update(task, completed=d))
-                if rec is not None:
-                    r.clipped_fraction, r.steps = rec["clipped_fraction"], rec["steps"]
-                    r.grad_norm_median, r.grad_norm_max = rec["grad_norm_median"], rec["grad_norm_max"]
-                results.append(r)
+            _compile(jobs, quiet=as_json)
+            results = _measure(jobs, max_lag=max_lag, windows=windows, warmup=warmup, quiet=as_json)
         if plot_file is not None:
             grads.plot(results, plot_file)
         if as_json:
@@ -146,6 +83,40 @@ def grads_cmd(
         _render(results, plot_file)
     except CharlmError as e:
         fail(str(e))
+
+
+def _require_matplotlib(hint: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from .common import fail
+        fail(hint)
+
+
+def _compile(jobs, quiet: bool) -> None:
+    """Compile (or load from Numba's cache) the kernels of each cell, under a status line."""
+    from .common import err
+    from ..lm import grads
+    t0 = time.perf_counter()
+    with err.status("Compiling kernels (first run only; cached afterwards)…"):
+        grads.warm_up_jobs(jobs)
+    if time.perf_counter() - t0 > 3 and not quiet:
+        err.print(f"Kernels compiled in {time.perf_counter() - t0:.1f} s (cached for next time).")
+
+
+def _measure(jobs, *, max_lag: int, windows: int, warmup: int, quiet: bool) -> list:
+    """Each job's GradFlow, one progress bar per job on stderr (none when quiet)."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+    from .common import err
+    from ..lm import grads
+    results = []
+    with Progress(TextColumn("[bold]grads[/] {task.description}"), BarColumn(), TaskProgressColumn(),
+                  TimeRemainingColumn(), console=err, transient=True, disable=quiet) as progress:
+        for job in jobs:
+            task = progress.add_task(job.label, total=max_lag + 1)
+            results.append(grads.measure_job(job, max_lag=max_lag, windows=windows, warmup=warmup,
+                                             progress=lambda d, n, task=task: progress.update(task, completed=d)))
+    return results
 
 
 def _fmt(x, spec=".3g") -> str:

@@ -116,7 +116,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
         )
     except (KeyError, TypeError, ValueError, CharlmError) as e:
         raise CharlmError(f"{bad} (metadata: {e})") from None
-    from .model import check_params  # late import: model imports kernels (slow) only when needed
+    from .models import check_params  # late import: the models import kernels (slow) only when needed
     try:
         check_params(ckpt.model, ckpt.params)
     except CharlmError as e:

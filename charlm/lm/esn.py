@@ -9,7 +9,8 @@ with N(0, 1) weights, then rescaled so that its spectral radius (largest
 |eigenvalue|, estimated by power iteration) is ``sr``. Everything is drawn from
 the run's seed. The readout is trained like the other models' decoder (Adam on
 the cross-entropy over minibatches of reservoir states, no backpropagation
-through time), so sampling, scoring and evaluation work unchanged.
+through time). EsnModel is a BaseModel (charlm.lm.base), a peer of the recurrent
+Model, so sampling, scoring, evaluation and training treat both alike.
 
 Parameters (checkpoint names; the reservoir is stored, so a loaded model
 reproduces the states exactly whatever NumPy's random streams do):
@@ -37,7 +38,8 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import CharlmError
 from ..kernels import layers
-from ..kernels.esn import csr_matvec, esn_forward
+from ..kernels.esn import csr_matvec, esn_forward, esn_sample
+from .base import BaseModel, SampleStep, State
 
 TRAINABLE = ("decoder.weight", "decoder.bias")
 RESERVOIR = ("reservoir.input_weight", "reservoir.bias", "reservoir.W_data", "reservoir.W_indices",
@@ -123,7 +125,10 @@ def check_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
             raise CharlmError(f"parameter {n} is not finite")
 
 
-class _Workspace:
+class EsnWorkspace:
+    """u (T, N, H) the input drive Win x_t + b; hs (T+1, N, H) the states, [0] the carried one;
+    logits (M, V)."""
+
     def __init__(self, cfg: ModelConfig, T: int, N: int, dtype):
         H, V = cfg.hidden, cfg.vocab_size
         self.u = np.zeros((T, N, H), dtype)
@@ -132,45 +137,34 @@ class _Workspace:
         self.no_dx = np.zeros((0, 0), dtype)  # the readout's input gradient is not needed
 
 
-class EsnModel:
-    """The Model interface (loss, token_logprobs, probs_last, loss_and_grads, zero_state)
-    for an ESN. ``params`` holds every array (saved in checkpoints); ``trainable`` only the
-    readout, which is all the optimizer sees."""
+class EsnModel(BaseModel):
+    """An ESN as a BaseModel (scoring, training step and sampling as for the recurrent model).
+    ``params`` holds every array (saved in checkpoints); ``trainable`` only the readout, which
+    is all the optimizer sees. Its State has one layer (h the reservoir, c unused zeros)."""
+
+    cells = ("esn",)
+    workspace_type = EsnWorkspace
+    check_params = staticmethod(check_params)
+    init_params = staticmethod(init_params)
+    state_layers = 1
 
     def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray]):
-        check_params(cfg, params)
-        self.cfg = cfg
-        self.params = params
-        self.trainable = {n: params[n] for n in TRAINABLE}
-        self.dtype = params["decoder.weight"].dtype
-        self._ws: dict[tuple[int, int], _Workspace] = {}
+        super().__init__(cfg, params)
+        self._trainable = {n: params[n] for n in TRAINABLE}
 
-    @classmethod
-    def create(cls, cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> "EsnModel":
-        return cls(cfg, init_params(cfg, np.random.default_rng(seed), dtype))
+    @property
+    def trainable(self) -> dict[str, np.ndarray]:
+        """The readout only: the reservoir is fixed."""
+        return self._trainable
 
-    def zero_state(self, N: int):
-        from .model import State
-        z = np.zeros((1, N, self.cfg.hidden), self.dtype)
-        return State(z, z.copy())
-
-    def zero_grads(self) -> dict[str, np.ndarray]:
-        return {n: np.zeros_like(p) for n, p in self.trainable.items()}
-
-    def _workspace(self, T: int, N: int) -> _Workspace:
-        ws = self._ws.get((T, N))
-        if ws is None:
-            if len(self._ws) > 4:
-                self._ws.clear()
-            ws = self._ws[(T, N)] = _Workspace(self.cfg, T, N, self.dtype)
-        return ws
-
-    def states(self, x: np.ndarray, state) -> np.ndarray:
+    def states(self, x: np.ndarray, state: State) -> np.ndarray:
         """Reservoir states after each input of x (T, N): (T+1, N, H) with [0] = state.h[0].
         The array is the workspace's: copy it to keep it."""
-        return self._forward(x, state, logits=False).hs
+        return self._forward(x, state, None, logits=False).hs
 
-    def _forward(self, x: np.ndarray, state, logits: bool = True) -> _Workspace:
+    def _forward(self, x: np.ndarray, state: State, rng: np.random.Generator | None = None,
+                 logits: bool = True) -> EsnWorkspace:
+        """The reservoir over ids x (T, N), then the readout's logits (M, V). No dropout: rng is unused."""
         T, N = x.shape
         p, H = self.params, self.cfg.hidden
         ws = self._workspace(T, N)
@@ -186,44 +180,25 @@ class EsnModel:
                                   numba.get_num_threads())
         return ws
 
-    def _final_state(self, ws: _Workspace):
-        from .model import State
+    def _final_state(self, ws: EsnWorkspace) -> State:
         h = ws.hs[-1][None].copy()
         return State(h, np.zeros_like(h))
 
-    def loss(self, x: np.ndarray, y: np.ndarray, state):
-        ws = self._forward(x, state)
-        total = layers.softmax_xent_forward(ws.logits, ws.logits, np.ascontiguousarray(y).reshape(-1),
-                                            numba.get_num_threads())
-        return float(total) / y.size, self._final_state(ws)
-
-    def token_logprobs(self, x: np.ndarray, y: np.ndarray, state):
-        ws = self._forward(x, state)
-        out = np.empty(y.size, dtype=np.float64)
-        layers.log_softmax_gather(out, ws.logits, np.ascontiguousarray(y).reshape(-1), numba.get_num_threads())
-        return out.reshape(y.shape), self._final_state(ws)
-
-    def probs_last(self, x: np.ndarray, state):
-        ws = self._forward(x, state)
+    def _backward(self, ws: EsnWorkspace, x: np.ndarray, grads: dict[str, np.ndarray],
+                  rng: np.random.Generator | None) -> None:
+        """The readout's gradient only: the reservoir is fixed, so nothing flows back through time."""
         T, N = x.shape
-        last = ws.logits.reshape(T, N, -1)[-1].astype(np.float64)
-        last -= last.max(axis=1, keepdims=True)
-        e = np.exp(last)
-        return e / e.sum(axis=1, keepdims=True), self._final_state(ws)
-
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, state, grads: dict[str, np.ndarray], rng=None):
-        """Mean cross-entropy over the window and its gradient for the readout (grads
-        overwritten). The reservoir is fixed, so nothing flows back through time."""
-        T, N = x.shape
-        M, H = T * N, self.cfg.hidden
-        p = self.params
-        parts = numba.get_num_threads()
-        ws = self._forward(x, state)
-        targets = np.ascontiguousarray(y).reshape(M)
-        total = layers.softmax_xent_forward(ws.logits, ws.logits, targets, parts)
-        layers.softmax_xent_backward(ws.logits, ws.logits, targets, 1.0 / M, parts)
-        for g in grads.values():
-            g.fill(0)
         layers.linear_backward(ws.no_dx, grads["decoder.weight"], grads["decoder.bias"], ws.logits,
-                               ws.hs[1:].reshape(M, H), p["decoder.weight"], parts)
-        return float(total) / M, self._final_state(ws)
+                               ws.hs[1:].reshape(T * N, self.cfg.hidden), self.params["decoder.weight"],
+                               numba.get_num_threads())
+
+    def sampler(self) -> SampleStep:
+        """The compiled reservoir sampler (see BaseModel.sampler); uses hs[0, 0], ignores cs."""
+        p = self.params
+        WoutT = np.ascontiguousarray(p["decoder.weight"].T)
+        arrays = (p["reservoir.input_weight"], p["reservoir.bias"], p["reservoir.W_data"], p["reservoir.W_indices"],
+                  p["reservoir.W_indptr"], float(self.cfg.leak), WoutT, p["decoder.bias"])
+
+        def step(out, hs, cs, feed, u, temperature, top_k, greedy):
+            esn_sample(out, hs[0, 0], feed, u, *arrays, temperature, top_k, greedy)
+        return step

@@ -21,8 +21,9 @@ stack k steps back, through every layer. For a single-layer model it is the only
 one; the other layers are in `norms_by_layer`. For the LSTM, `c_norms` is the
 same for the cell state, dL_T / dc^(0)_(T-k) (h^(0)_(T-k) recomputed from it).
 
-Method (exact, float64, the backward kernels of charlm.kernels): one forward
-pass over the windows stores every state; then for each j = 1..max_lag + 1 the
+Method (exact, float64, the model's own passes: Model.forward, then
+Model.layer_backward, the cell's backward kernel): one forward pass over the
+windows stores every state; then for each j = 1..max_lag + 1 the
 stack's backward kernels run over the last j steps only, with only dL_T / dlogits
 at the last step non-zero. A backward kernel gives dh0 = the gradient with respect
 to its initial state (the state at T-j) with the states of the other layers at
@@ -36,24 +37,29 @@ The lecture's bounds: for the vanilla RNN h_t = tanh(W_hh h_(t-1) + ...),
 and sigmoid' <= 1/4; the mean |tanh'| and |sigmoid'| of the units along the
 measured steps are reported.
 
+make_jobs() gathers what `charlm grads` measures (checkpoints with their corpus
+or training token file, fresh models of given cells) and measure_job() measures
+one; the pictures (sparkline, table lags, the PNG) are in charlm.lm.gradplot.
+
 Dimensions: N windows (batch), S steps per window (warmup + max_lag + 1),
 K = max_lag, L layers, H hidden, V vocab, D layer input.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
-import numba
 import numpy as np
 
-from ..config import ModelConfig
+from . import checkpoint
+from ..config import ModelConfig, models_dir
+from ..data import Vocab, open_tokens, read_text
 from ..errors import CharlmError
+from .gradplot import PLOT_HINT, SPARK, plot, sparkline, table_lags  # noqa: F401  (part of this API)
 from .model import Model
 
-PLOT_HINT = 'plotting needs matplotlib: pip install "charlm[plot]" (or pip install matplotlib)'
-SPARK = "▁▂▃▄▅▆▇█"
+CELLS = ("rnn", "gru", "lstm")
 
 
 @dataclass
@@ -173,6 +179,26 @@ def _slopes(cell: str, hs: np.ndarray, cs: np.ndarray, acts: np.ndarray, H: int)
             sum(d.sum() for d in dss), sum(d.size for d in dss))
 
 
+def _last_step_gradient(logits: np.ndarray, y: np.ndarray, decoder_weight: np.ndarray):
+    """From the last step's logits (N, V) and targets y (N,): the loss of each window (N,)
+    and dL_T/dh^(L-1)_T (N, H), through the decoder (softmax - onehot, per window)."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    rows = np.arange(len(y))
+    dlogits = np.exp(logp)
+    dlogits[rows, y] -= 1.0
+    return -logp[rows, y], np.ascontiguousarray(dlogits @ decoder_weight)
+
+
+def _all_slopes(cell: str, hs, cs, acts, t0: int, H: int) -> tuple:
+    """_slopes summed over every layer for the steps t0.. (the ones producing h_(t0+1) .. h_S)."""
+    tot = [0.0, 0, 0.0, 0.0, 0]
+    for l in range(len(hs)):
+        st = _slopes(cell, hs[l][t0 + 1:], cs[l][t0 + 1:] if cell == "lstm" else None, acts[l][t0:], H)
+        tot = [tot[0] + st[0], tot[1] + st[1], max(tot[2], st[2]), tot[3] + st[3], tot[4] + st[4]]
+    return tuple(tot)
+
+
 def gradient_flow(model: Model, x: np.ndarray, y: np.ndarray, max_lag: int,
                   progress: Callable[[int, int], None] | None = None) -> dict:
     """The node gradients dL_T/dh^(l)_(T-k) (and dL_T/dc^(l)_(T-k) for the LSTM) for
@@ -188,24 +214,13 @@ def gradient_flow(model: Model, x: np.ndarray, y: np.ndarray, max_lag: int,
     K, L, H = max_lag, cfg.layers, cfg.hidden
     if S < K + 1:
         raise CharlmError(f"windows of {S} steps are too short for --max-lag {K}")
-    parts = numba.get_num_threads()
-    bwd = model._bwd
-    ws = model._forward(np.ascontiguousarray(x), model.zero_state(N), None)
+    ws = model.forward(np.ascontiguousarray(x), model.zero_state(N))
     hs = [h.copy() for h in ws.hs]                      # (S+1, N, H) each, hs[0] = 0
     cs = [c.copy() for c in ws.cs]                      # (S+1, N, H) lstm, else a (1, 1, 1) dummy
     acts = [a.copy() for a in ws.acts]                  # (S, N, width)
     emb = ws.emb.copy()                                 # (S, N, E)
     lstm = cfg.cell == "lstm"
-
-    # dL_T/dlogits at the last step: softmax - onehot, per window
-    last = ws.logits.reshape(S, N, -1)[-1]              # (N, V)
-    z = last - last.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    rows = np.arange(N)
-    loss = -logp[rows, y]
-    dlogits = np.exp(logp)
-    dlogits[rows, y] -= 1.0
-    dtop = np.ascontiguousarray(dlogits @ p["decoder.weight"])  # (N, H) into h^(L-1)_T
+    loss, dtop = _last_step_gradient(ws.logits.reshape(S, N, -1)[-1], y, p["decoder.weight"])  # dtop into h^(L-1)_T
 
     dh = np.zeros((L, K + 1, N, H))
     dc = np.zeros((L, K + 1, N, H)) if lstm else None
@@ -213,8 +228,7 @@ def gradient_flow(model: Model, x: np.ndarray, y: np.ndarray, max_lag: int,
     prev_dc0 = np.zeros((L, N, H))
     GH = cfg.gates * H
     # the kernels also accumulate parameter gradients, not needed here: scratch
-    scratch = {f"{n}{l}": np.zeros_like(p[f"rnn.{n}_l{l}"]) for l in range(L)
-               for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+    scratch = {n: np.zeros_like(a) for n, a in p.items() if n.startswith("rnn.")}
     for j in range(1, K + 2):
         k = j - 1                                       # this run gives the node gradients at T-k
         dh0 = np.zeros((L, N, H))
@@ -230,30 +244,18 @@ def gradient_flow(model: Model, x: np.ndarray, y: np.ndarray, max_lag: int,
                 o = acts[l][S - k - 1, :, 3 * H:4 * H]
                 tc = np.tanh(cs[l][S - k])
                 dc[l, k] = prev_dc0[l] + dh[l, k] * o * (1.0 - tc * tc)
-            if l == 0:
-                inp = emb[S - j:S]
-                dx = np.zeros((0, 0, 0))
-            else:
-                inp = hs[l - 1][S - j + 1:S + 1]
-                dx = np.zeros((j, N, H))
-            cl = cs[l][S - j:S + 1] if lstm else cs[l]
+            inp = emb[S - j:S] if l == 0 else hs[l - 1][S - j + 1:S + 1]
+            dx = np.zeros((0, 0, 0)) if l == 0 else np.zeros((j, N, H))
             for g in scratch.values():
                 g.fill(0)
-            bwd(dx, scratch[f"weight_ih{l}"], scratch[f"weight_hh{l}"], scratch[f"bias_ih{l}"],
-                scratch[f"bias_hh{l}"], dh0[l], dc0[l], dacts, dacts_h, dhs, hs[l][S - j:S + 1], cl,
-                acts[l][S - j:S], inp, p[f"rnn.weight_ih_l{l}"], p[f"rnn.weight_hh_l{l}"], parts)
+            model.layer_backward(l, dx, scratch, dh0[l], dc0[l], dacts, dacts_h, dhs, hs[l][S - j:S + 1],
+                                 cs[l][S - j:S + 1] if lstm else cs[l], acts[l][S - j:S], inp)
             dhs = dx
         prev_dh0, prev_dc0 = dh0, dc0
         if progress is not None:
             progress(j, K + 1)
-
-    # activation slopes over the measured steps (the ones producing h_(T-K) .. h_T), every layer
-    t0 = S - K - 1
-    tot = [0.0, 0, 0.0, 0.0, 0]
-    for l in range(L):
-        st = _slopes(cfg.cell, hs[l][t0 + 1:], cs[l][t0 + 1:] if lstm else None, acts[l][t0:], H)
-        tot = [tot[0] + st[0], tot[1] + st[1], max(tot[2], st[2]), tot[3] + st[3], tot[4] + st[4]]
-    return {"dh": dh, "dc": dc, "loss": loss, "slopes": tuple(tot)}
+    slopes = _all_slopes(cfg.cell, hs, cs, acts, S - K - 1, H)  # over the measured steps, every layer
+    return {"dh": dh, "dc": dc, "loss": loss, "slopes": slopes}
 
 
 def warm_up(model: Model) -> None:
@@ -301,73 +303,94 @@ def training_record(ck) -> dict:
     return rec
 
 
-# ------------------------------------------------------------------ rendering helpers (no terminal code)
-def sparkline(values, lo: float | None = None, hi: float | None = None) -> str:
-    """One block character per value, scaled on log10 between lo and hi (log10 values;
-    default: the values' own range). Zero or non-finite values are a space."""
-    v = np.asarray(values, dtype=np.float64)
-    with np.errstate(all="ignore"):
-        lg = np.where((v > 0) & np.isfinite(v), np.log10(np.where(v > 0, v, 1.0)), np.nan)
-    ok = np.isfinite(lg)
-    if not ok.any():
-        return " " * len(v)
-    lo = float(np.nanmin(lg)) if lo is None else lo
-    hi = float(np.nanmax(lg)) if hi is None else hi
-    span = hi - lo
-    out = []
-    for x in lg:
-        if not math.isfinite(x):
-            out.append(" ")
-        elif span <= 0:
-            out.append(SPARK[len(SPARK) // 2])
-        else:
-            q = int(round((min(max(x, lo), hi) - lo) / span * (len(SPARK) - 1)))
-            out.append(SPARK[q])
-    return "".join(out)
+# ------------------------------------------------------------------ what to measure
+@dataclass
+class Job:
+    """One model to measure over token ids. record: training_record() of a checkpoint (None for
+    a fresh model); warning: something the caller should tell the user (corpus characters left out)."""
+    label: str
+    model: Model
+    ids: np.ndarray
+    record: dict | None = None
+    warning: str | None = None
 
 
-def table_lags(max_lag: int) -> list[int]:
-    """The lags a table shows: 0-4, then powers of two, and max_lag."""
-    lags = [k for k in range(min(max_lag, 4) + 1)]
-    k = 8
-    while k < max_lag:
-        lags.append(k)
-        k *= 2
-    if max_lag not in lags:
-        lags.append(max_lag)
-    return lags
+def check_options(max_lag: int, windows: int, warmup: int) -> None:
+    """The measurement's options, checked before any slow work."""
+    if max_lag < 0:
+        raise CharlmError(f"--max-lag must be 0 or positive, got {max_lag}")
+    if windows <= 0:
+        raise CharlmError(f"--windows must be positive, got {windows}")
+    if warmup < 0:
+        raise CharlmError(f"--warmup must be 0 or positive, got {warmup}")
 
 
-def plot(results: list[GradFlow], path: str, title: str = "") -> None:
-    """Write a PNG: mean ||dL_T/dh_(T-k)|| against k on a log scale, one curve per result.
-    CharlmError when matplotlib is missing or the file cannot be written."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CharlmError(PLOT_HINT) from None
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    colors = {"rnn": "tab:red", "gru": "tab:blue", "lstm": "tab:green"}
-    seen = set()
-    for r in results:
-        k = np.arange(r.max_lag + 1)
-        n = np.where(r.norms > 0, r.norms, np.nan)
-        # one colour per cell, trained models solid and untrained ones dashed; a second curve of
-        # the same kind takes the next colour of matplotlib's cycle
-        style = "-" if r.steps else "--"
-        color = colors.get(r.cell) if (r.cell, style) not in seen else None
-        seen.add((r.cell, style))
-        ax.semilogy(k, n, style, color=color, lw=1.8, label=r.label or r.cell)
-    ax.set_xlabel("lag k (steps back from the last step T)")
-    ax.set_ylabel(r"mean $\|\partial L_T / \partial h_{T-k}\|_2$")
-    ax.set_title(title or "Gradient flow through time")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except OSError as e:
-        raise CharlmError(f"could not write {path}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
+def label_of(path: str) -> str:
+    """A checkpoint's label: its run directory's name."""
+    p = Path(path)
+    return p.parent.name or p.name
+
+
+def checkpoint_job(path: str, text: str | None) -> Job:
+    """The trained model in checkpoint `path` over `text`, or without a text over its run's token
+    file. CharlmError for an ESN (nothing to measure) or a run without its token file."""
+    ck = checkpoint.load(path)
+    if ck.model.cell == "esn":
+        raise CharlmError(f"{path} is an Echo State Network: its reservoir is fixed and no gradient flows through "
+                          f"time in it (only the readout is trained); grads measures rnn, gru and lstm models")
+    warning = None
+    if text is not None:
+        ids, oov = ck.vocab.encode(text)
+        if oov and ck.vocab.level == "char":
+            warning = f"{len(oov)} character(s) of CORPUS not in the vocabulary of {path} were left out"
+    else:
+        tok = ck.data.get("tokens")
+        tpath = Path(path).parent / tok if tok else None
+        if tpath is None or not tpath.is_file():
+            raise CharlmError(f"{path} keeps no training text (its run's token file is missing): give a CORPUS")
+        ids = open_tokens(tpath, ck.data["dtype"])
+    return Job(label_of(path), Model(ck.model, ck.params), ids, training_record(ck), warning)
+
+
+def make_jobs(corpus: str | None = None, models: Sequence[str | None] = (), cells: Sequence[str] = (), *,
+              hidden: int = 256, layers: int = 2, embed: int = 64, seed: int = 0,
+              root: str | None = None) -> list[Job]:
+    """The models `charlm grads` measures, in order: each checkpoint of `models` (a file or run
+    directory; with neither models nor cells, the most recent run under root, default
+    models_dir()), then a fresh model of each of `cells` over the vocabulary of the corpus.
+    corpus: a text file ('-' standard input); required with cells, else each run's token file."""
+    for c in cells:
+        if c not in CELLS:
+            raise CharlmError(f"--cell must be rnn, gru or lstm, got {c!r}")
+    if cells and corpus is None:
+        raise CharlmError("--cell needs a CORPUS to take the windows from: charlm grads FILE --cell " + cells[0])
+    text = read_text(corpus) if corpus is not None else None
+    paths = list(models) or ([] if cells else [None])  # None: the most recent run
+    jobs = [checkpoint_job(checkpoint.resolve(m, root or models_dir()), text) for m in paths]
+    if cells:
+        vocab = Vocab.from_text(text)
+        ids = vocab.encode_corpus(text)
+        for c in cells:
+            model = fresh_model(c, len(vocab), hidden=hidden, layers=layers, embed=embed, seed=seed)
+            jobs.append(Job(f"{c} (untrained)", model, ids))
+    return jobs
+
+
+def warm_up_jobs(jobs: Sequence[Job]) -> None:
+    """warm_up() once for each cell among the jobs' models."""
+    first: dict[str, Model] = {}
+    for job in jobs:
+        first.setdefault(job.model.cfg.cell, job.model)
+    for model in first.values():
+        warm_up(model)
+
+
+def measure_job(job: Job, *, max_lag: int = 64, windows: int = 32, warmup: int = 32,
+                progress: Callable[[int, int], None] | None = None) -> GradFlow:
+    """measure() of the job's model over its ids, with its training record."""
+    r = measure(job.model, job.ids, max_lag=max_lag, windows=windows, warmup=warmup, label=job.label,
+                progress=progress)
+    if job.record is not None:
+        r.clipped_fraction, r.steps = job.record["clipped_fraction"], job.record["steps"]
+        r.grad_norm_median, r.grad_norm_max = job.record["grad_norm_median"], job.record["grad_norm_max"]
+    return r

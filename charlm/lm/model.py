@@ -1,4 +1,6 @@
-"""The language model: embedding -> L recurrent layers -> linear decoder -> softmax.
+"""The recurrent language model (cells rnn, gru, lstm): embedding -> L recurrent layers ->
+linear decoder -> softmax. Model is a BaseModel (charlm.lm.base: scoring, training step,
+state) beside the ESN (charlm.lm.esn); charlm.lm.models builds either from a config.
 
 This module is the one source of truth for parameter names and shapes. The names
 are those of a PyTorch module with attributes ``embedding`` (nn.Embedding),
@@ -22,7 +24,6 @@ G gates (rnn 1, gru 3, lstm 4), M = T*N.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -30,6 +31,8 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import CharlmError
 from ..kernels import gru, layers, lstm, rnn
+from ..kernels.sample import CELL_CODES, pack, stack_sample
+from .base import BaseModel, SampleStep, State
 
 _CELL_KERNELS = {
     "rnn": (rnn.rnn_forward, rnn.rnn_backward),
@@ -76,10 +79,7 @@ def init_params(cfg: ModelConfig, rng: np.random.Generator, dtype=np.float32) ->
 
 
 def check_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
-    """Every expected array present, with the right shape, one float dtype, finite."""
-    if cfg.cell == "esn":
-        from .esn import check_params as check_esn
-        return check_esn(cfg, params)
+    """Every expected array present, with the right shape and one float dtype."""
     shapes = param_shapes(cfg)
     missing = [n for n in shapes if n not in params]
     if missing:
@@ -92,34 +92,10 @@ def check_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
             raise CharlmError(f"parameter {n} has shape {params[n].shape}, expected {s}")
 
 
-def build_model(cfg: ModelConfig, params: dict[str, np.ndarray]):
-    """The model a configuration describes, over the given parameters: Model, or EsnModel for cell esn."""
-    if cfg.cell == "esn":
-        from .esn import EsnModel
-        return EsnModel(cfg, params)
-    return Model(cfg, params)
-
-
-def create_model(cfg: ModelConfig, seed: int = 0, dtype=np.float32):
-    """A freshly initialised model of cfg (see build_model)."""
-    if cfg.cell == "esn":
-        from .esn import EsnModel
-        return EsnModel.create(cfg, seed, dtype)
-    return Model.create(cfg, seed, dtype)
-
-
-@dataclass
-class State:
-    """Recurrent state carried between windows: h, c (L, N, H); c is zeros for rnn/gru."""
-    h: np.ndarray
-    c: np.ndarray
-
-    def copy(self) -> "State":
-        return State(self.h.copy(), self.c.copy())
-
-
-class _Workspace:
-    """Every array one forward/backward pass over a (T, N) window needs, allocated once."""
+class Workspace:
+    """Every array one forward/backward pass over a (T, N) window needs, allocated once:
+    emb (T, N, E); per layer k hs[k], cs[k] (T+1, N, H) with [0] the carried state (cs: lstm,
+    else a (1, 1, 1) dummy), acts[k] (T, N, acts_width) the activation caches; logits (M, V)."""
 
     def __init__(self, cfg: ModelConfig, T: int, N: int, dtype):
         L, E, H, V, GH = cfg.layers, cfg.embed, cfg.hidden, cfg.vocab_size, cfg.gates * cfg.hidden
@@ -139,43 +115,21 @@ class _Workspace:
         self.dc0 = z(N, H)
 
 
-class Model:
-    """Parameters plus the forward and backward passes over (T, N) windows of ids."""
+class Model(BaseModel):
+    """The recurrent model (rnn, gru, lstm): parameters plus the forward and backward passes
+    over (T, N) windows of ids. Scoring and training are BaseModel's."""
+
+    cells = ("rnn", "gru", "lstm")
+    workspace_type = Workspace
+    check_params = staticmethod(check_params)
+    init_params = staticmethod(init_params)
 
     def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray]):
-        check_params(cfg, params)
-        self.cfg = cfg
-        self.params = params
-        self.dtype = params["embedding.weight"].dtype
-        self._ws: dict[tuple[int, int], _Workspace] = {}
+        super().__init__(cfg, params)
         self._fwd, self._bwd = _CELL_KERNELS[cfg.cell]
 
-    @classmethod
-    def create(cls, cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> "Model":
-        return cls(cfg, init_params(cfg, np.random.default_rng(seed), dtype))
-
-    @property
-    def trainable(self) -> dict[str, np.ndarray]:
-        """The parameters the optimizer updates: all of them (an ESN's reservoir is not)."""
-        return self.params
-
-    def zero_state(self, N: int) -> State:
-        L, H = self.cfg.layers, self.cfg.hidden
-        return State(np.zeros((L, N, H), self.dtype), np.zeros((L, N, H), self.dtype))
-
-    def zero_grads(self) -> dict[str, np.ndarray]:
-        return {n: np.zeros_like(p) for n, p in self.params.items()}
-
-    def _workspace(self, T: int, N: int) -> _Workspace:
-        ws = self._ws.get((T, N))
-        if ws is None:
-            if len(self._ws) > 4:  # windows of odd lengths (eval tails) come and go
-                self._ws.clear()
-            ws = self._ws[(T, N)] = _Workspace(self.cfg, T, N, self.dtype)
-        return ws
-
     # ---------------------------------------------------------------- forward
-    def _forward(self, x: np.ndarray, state: State, rng: np.random.Generator | None) -> _Workspace:
+    def _forward(self, x: np.ndarray, state: State, rng: np.random.Generator | None) -> Workspace:
         """Run the stack over ids x (T, N); fills the workspace up to logits (M, V).
         Dropout masks are drawn from rng when it is given (training), else no dropout."""
         T, N = x.shape
@@ -203,70 +157,63 @@ class Model:
         layers.linear_forward(ws.logits, top, p["decoder.weight"], p["decoder.bias"], numba.get_num_threads())
         return ws
 
-    def _final_state(self, ws: _Workspace) -> State:
+    def _final_state(self, ws: Workspace) -> State:
         h = np.stack([hs[-1] for hs in ws.hs])
         c = np.stack([cs[-1] for cs in ws.cs]) if self.cfg.cell == "lstm" else np.zeros_like(h)
         return State(h, c)
 
-    def loss(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[float, State]:
-        """Mean cross-entropy (nats) of targets y (T, N) given inputs x (T, N); no dropout."""
-        ws = self._forward(x, state, None)
-        total = layers.softmax_xent_forward(ws.logits, ws.logits, np.ascontiguousarray(y).reshape(-1),
-                                            numba.get_num_threads())
-        return float(total) / y.size, self._final_state(ws)  # float: a NumPy scalar without the JIT
-
-    def token_logprobs(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """log P(y[t, n] | inputs up to x[t, n]) as float64 (T, N), and the state after."""
-        ws = self._forward(x, state, None)
-        out = np.empty(y.size, dtype=np.float64)
-        layers.log_softmax_gather(out, ws.logits, np.ascontiguousarray(y).reshape(-1), numba.get_num_threads())
-        return out.reshape(y.shape), self._final_state(ws)
-
-    def probs_last(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """Next-token distribution after the last input of x (T, N): (N, V) float64."""
-        ws = self._forward(x, state, None)
-        T, N = x.shape
-        last = ws.logits.reshape(T, N, -1)[-1].astype(np.float64)
-        last -= last.max(axis=1, keepdims=True)
-        e = np.exp(last)
-        return e / e.sum(axis=1, keepdims=True), self._final_state(ws)
-
     # --------------------------------------------------------------- backward
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, state: State, grads: dict[str, np.ndarray],
-                       rng: np.random.Generator | None = None) -> tuple[float, State]:
-        """Mean cross-entropy over the window and its exact gradient (truncated
-        BPTT: no gradient flows into the carried state). Overwrites grads.
-        rng draws the dropout masks (needed when dropout > 0)."""
+    def layer_backward(self, k: int, dx: np.ndarray, grads: dict[str, np.ndarray], dh0: np.ndarray,
+                       dc0: np.ndarray, dacts: np.ndarray, dacts_h: np.ndarray, dhs: np.ndarray,
+                       hs: np.ndarray, cs: np.ndarray, acts: np.ndarray, inp: np.ndarray) -> None:
+        """The cell's backward kernel for layer k over the T steps of the given caches.
+
+        ADDS into dx (T, N, D) (the gradient of the layer's input; (0, 0, 0) to skip it),
+        grads["rnn.*_l{k}"], dh0 and dc0 (N, H) (the gradient of the initial state); the
+        caller zeroes them. dacts, dacts_h (T, N, G*H) scratch (dacts_h only read for gru);
+        dhs (T, N, H) the gradient arriving at each output h_1..h_T (overwritten); hs, cs
+        (T+1, N, H) and acts (T, N, acts_width) the forward caches of those steps (cs: lstm,
+        else a (1, 1, 1) dummy); inp (T, N, D) the layer's input."""
+        p = self.params
+        self._bwd(dx, grads[f"rnn.weight_ih_l{k}"], grads[f"rnn.weight_hh_l{k}"],
+                  grads[f"rnn.bias_ih_l{k}"], grads[f"rnn.bias_hh_l{k}"], dh0, dc0,
+                  dacts, dacts_h, dhs, hs, cs, acts, inp,
+                  p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"], numba.get_num_threads())
+
+    def _backward(self, ws: Workspace, x: np.ndarray, grads: dict[str, np.ndarray],
+                  rng: np.random.Generator | None) -> None:
+        """Backpropagation through the window: decoder, layers top to bottom, embedding."""
         cfg, p = self.cfg, self.params
         T, N = x.shape
         M = T * N
-        ws = self._forward(x, state, rng if cfg.dropout > 0 else None)
-        targets = np.ascontiguousarray(y).reshape(M)
-        targets_in = np.ascontiguousarray(x).reshape(M)
-        parts = numba.get_num_threads()
-        total = layers.softmax_xent_forward(ws.logits, ws.logits, targets, parts)
-        layers.softmax_xent_backward(ws.logits, ws.logits, targets, 1.0 / M, parts)
-        for g in grads.values():
-            g.fill(0)
         for d in ws.dhs:
             d.fill(0)
         ws.dh0.fill(0)
         ws.dc0.fill(0)
         top = ws.hs[-1][1:].reshape(M, cfg.hidden)
         layers.linear_backward(ws.dhs[-1].reshape(M, cfg.hidden), grads["decoder.weight"],
-                               grads["decoder.bias"], ws.logits, top, p["decoder.weight"], parts)
+                               grads["decoder.bias"], ws.logits, top, p["decoder.weight"], numba.get_num_threads())
         dropout = cfg.dropout > 0 and rng is not None
         for k in range(cfg.layers - 1, -1, -1):
             inp = ws.emb if k == 0 else (ws.inputs[k] if dropout else ws.hs[k - 1][1:])
             dx = ws.dx[k]
             dx.fill(0)
-            self._bwd(dx, grads[f"rnn.weight_ih_l{k}"], grads[f"rnn.weight_hh_l{k}"],
-                      grads[f"rnn.bias_ih_l{k}"], grads[f"rnn.bias_hh_l{k}"], ws.dh0, ws.dc0,
-                      ws.dacts, ws.dacts_h, ws.dhs[k], ws.hs[k], ws.cs[k], ws.acts[k], inp,
-                      p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"], numba.get_num_threads())
+            self.layer_backward(k, dx, grads, ws.dh0, ws.dc0, ws.dacts, ws.dacts_h, ws.dhs[k],
+                                ws.hs[k], ws.cs[k], ws.acts[k], inp)
             if k > 0:
                 if dropout:
                     np.multiply(dx, ws.masks[k], out=dx)
                 ws.dhs[k - 1] += dx
-        layers.embedding_backward(grads["embedding.weight"], ws.dx[0].reshape(M, cfg.embed), targets_in)
-        return float(total) / M, self._final_state(ws)
+        layers.embedding_backward(grads["embedding.weight"], ws.dx[0].reshape(M, cfg.embed),
+                                  np.ascontiguousarray(x).reshape(M))
+
+    # --------------------------------------------------------------- sampling
+    def sampler(self) -> SampleStep:
+        """The compiled stack sampler over this model's packed weights (see BaseModel.sampler)."""
+        parts = numba.get_num_threads()
+        packed = pack(self.params, self.cfg.layers, parts=parts)
+        code = CELL_CODES[self.cfg.cell]
+
+        def step(out, hs, cs, feed, u, temperature, top_k, greedy):
+            stack_sample(out, hs, cs, feed, u, code, *packed, temperature, top_k, greedy, parts)
+        return step

@@ -1,40 +1,17 @@
-"""Text generation: each sampled token is fed back as the next input."""
+"""Text generation: each sampled token is fed back as the next input (the model's own
+compiled sampler, BaseModel.sampler)."""
 from __future__ import annotations
 
 from typing import Iterator
 
-import numba
 import numpy as np
 
 from ..data import Vocab
 from ..errors import CharlmError
-from ..kernels.sample import CELL_CODES, pack, stack_sample
-from .model import Model
+from .base import BaseModel
 
 
-def _stack_sampler(model: Model):
-    parts = numba.get_num_threads()
-    packed = pack(model.params, model.cfg.layers, parts=parts)
-    code = CELL_CODES[model.cfg.cell]
-
-    def step(out, hs, cs, feed, u, temperature, top_k, greedy):
-        stack_sample(out, hs, cs, feed, u, code, *packed, temperature, top_k, greedy, parts)
-    return step
-
-
-def _esn_sampler(model):
-    from ..kernels.esn import esn_sample
-    p = model.params
-    WoutT = np.ascontiguousarray(p["decoder.weight"].T)
-    arrays = (p["reservoir.input_weight"], p["reservoir.bias"], p["reservoir.W_data"], p["reservoir.W_indices"],
-              p["reservoir.W_indptr"], float(model.cfg.leak), WoutT, p["decoder.bias"])
-
-    def step(out, hs, cs, feed, u, temperature, top_k, greedy):
-        esn_sample(out, hs[0, 0], feed, u, *arrays, temperature, top_k, greedy)
-    return step
-
-
-def generate(model, vocab: Vocab, length: int, *, temperature: float = 0.8, prime: str = "",
+def generate(model: BaseModel, vocab: Vocab, length: int, *, temperature: float = 0.8, prime: str = "",
              seed: int | None = None, top_k: int = 0, greedy: bool = False,
              chunk: int = 64) -> Iterator[str]:
     """Yield the generated text in chunks (the prime text is not repeated).
@@ -51,11 +28,10 @@ def generate(model, vocab: Vocab, length: int, *, temperature: float = 0.8, prim
         raise CharlmError(f"--temp must be positive, got {temperature}")
     if top_k < 0:
         raise CharlmError(f"--top-k must be 0 (off) or positive, got {top_k}")
-    cfg = model.cfg
-    step = _esn_sampler(model) if cfg.cell == "esn" else _stack_sampler(model)
+    step = model.sampler()
     rng = np.random.default_rng(seed)
-    hs = np.zeros((cfg.layers, 1, cfg.hidden), model.dtype)
-    cs = np.zeros_like(hs)
+    state = model.zero_state(1)
+    hs, cs = state.h, state.c
     ids, _ = vocab.encode(prime)
     feed = np.concatenate([[vocab.eos_id], ids]).astype(np.int32)
     done = 0

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ..data import Vocab
-from .model import Model
+from .base import BaseModel
 
 LN10 = math.log(10.0)
 LN2 = math.log(2.0)
@@ -49,7 +49,7 @@ def totals(total: float, n: int, oov_lp: float = 0.0, n_oov_factors: int = 0) ->
     }
 
 
-def _logprobs(model: Model, inputs: np.ndarray, targets: np.ndarray, window: int) -> np.ndarray:
+def _logprobs(model: BaseModel, inputs: np.ndarray, targets: np.ndarray, window: int) -> np.ndarray:
     """log P(targets[t] | inputs[..t]) for one stream from the zero state."""
     lp = np.empty(len(targets), dtype=np.float64)
     state = model.zero_state(1)
@@ -59,7 +59,7 @@ def _logprobs(model: Model, inputs: np.ndarray, targets: np.ndarray, window: int
     return lp
 
 
-def score_text(model: Model, vocab: Vocab, text: str, *, eos: bool = True, window: int = 512) -> dict:
+def score_text(model: BaseModel, vocab: Vocab, text: str, *, eos: bool = True, window: int = 512) -> dict:
     """Per-token probabilities and totals for one text (see the module docstring)."""
     ids, oov = vocab.encode(text)
     targets = np.concatenate([ids, [vocab.eos_id]] if eos else [ids]).astype(np.int32)
@@ -100,7 +100,7 @@ def corpus_total(results: list[dict]) -> dict:
     }
 
 
-def evaluate_text(model: Model, vocab: Vocab, text: str, *, streams: int = 1, window: int | None = None,
+def evaluate_text(model: BaseModel, vocab: Vocab, text: str, *, streams: int = 1, window: int | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict:
     """Perplexity / bits per token of a whole text (one <eos> per line for words;
     the newline characters for characters).

@@ -1,0 +1,159 @@
+"""What every language model of charlm shares: the carried State, the workspace cache,
+and the scoring and training methods, written once over the hooks each model provides.
+
+The models (peers, built by charlm.lm.models from a config's cell):
+
+    Model      charlm.lm.model   embedding -> L recurrent layers (rnn, gru, lstm) -> decoder;
+                                 its module docstring has the parameter names (torch.nn's)
+    EsnModel   charlm.lm.esn     fixed random reservoir -> trained readout (decoder)
+
+A model subclasses BaseModel and provides
+
+    cells                        the config cells it implements (the factory's registry keys)
+    check_params, init_params    static: validate / draw the arrays of a config
+    workspace_type               the class of its per-(T, N) workspace: every array one pass needs
+    state_layers                 rows of State.h / State.c
+    _forward(x, state, rng)      fill the workspace from ids x (T, N) up to .logits (T*N, V);
+                                 rng draws dropout masks (training) or is None
+    _final_state(ws)             the State after the window, in new arrays
+    _backward(ws, x, grads, rng) ADD d(mean loss)/d(trainable) into grads, given dL/dlogits in
+                                 ws.logits (the caller zeroes grads)
+    sampler()                    the generation step for charlm.lm.sample.generate
+
+and gets loss, token_logprobs, probs_last, loss_and_grads, forward, zero_state, zero_grads.
+
+Dimensions: N batch, T time, V vocab, H hidden, L state layers, M = T*N.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numba
+import numpy as np
+
+from ..config import ModelConfig
+from ..kernels import layers
+
+# out (k,) int32, hs (L, 1, H), cs (L, 1, H), feed ids, uniforms (k,), temperature, top_k, greedy
+SampleStep = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, int, bool], None]
+
+
+@dataclass
+class State:
+    """Recurrent state carried between windows: h, c (L, N, H); c is zeros but for the LSTM."""
+    h: np.ndarray
+    c: np.ndarray
+
+    def copy(self) -> "State":
+        return State(self.h.copy(), self.c.copy())
+
+
+class BaseModel:
+    """Parameters plus the passes over (T, N) windows of token ids (see the module docstring).
+    ``params`` holds every array (what a checkpoint saves); ``trainable`` what the optimizer updates."""
+
+    cells: tuple[str, ...] = ()
+    workspace_type: type
+    check_params: Callable[[ModelConfig, dict], None]
+    init_params: Callable[..., dict]
+
+    def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray]):
+        self.check_params(cfg, params)
+        self.cfg = cfg
+        self.params = params
+        self.dtype = params["decoder.weight"].dtype
+        self._ws: dict[tuple[int, int], object] = {}
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, seed: int = 0, dtype=np.float32):
+        """A freshly initialised model of cfg, drawn from seed."""
+        return cls(cfg, cls.init_params(cfg, np.random.default_rng(seed), dtype))
+
+    @property
+    def trainable(self) -> dict[str, np.ndarray]:
+        """The parameters the optimizer updates (by default all of them)."""
+        return self.params
+
+    @property
+    def state_layers(self) -> int:
+        return self.cfg.layers
+
+    def zero_state(self, N: int) -> State:
+        L, H = self.state_layers, self.cfg.hidden
+        return State(np.zeros((L, N, H), self.dtype), np.zeros((L, N, H), self.dtype))
+
+    def zero_grads(self) -> dict[str, np.ndarray]:
+        return {n: np.zeros_like(p) for n, p in self.trainable.items()}
+
+    def _workspace(self, T: int, N: int):
+        ws = self._ws.get((T, N))
+        if ws is None:
+            if len(self._ws) > 4:  # windows of odd lengths (eval tails) come and go
+                self._ws.clear()
+            ws = self._ws[(T, N)] = self.workspace_type(self.cfg, T, N, self.dtype)
+        return ws
+
+    # ---------------------------------------------------------------- hooks
+    def _forward(self, x: np.ndarray, state: State, rng: np.random.Generator | None):
+        raise NotImplementedError
+
+    def _final_state(self, ws) -> State:
+        raise NotImplementedError
+
+    def _backward(self, ws, x: np.ndarray, grads: dict[str, np.ndarray], rng: np.random.Generator | None) -> None:
+        raise NotImplementedError
+
+    def sampler(self) -> SampleStep:
+        """step(out, hs, cs, feed, uniforms, temperature, top_k, greedy): feed the ids `feed`
+        from the state (hs, cs) (updated in place), then sample len(out) tokens into out,
+        each fed back as the next input."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: np.ndarray, state: State):
+        """The workspace after a pass over ids x (T, N) from state, without dropout: logits
+        (T*N, V) and the model's caches. Its arrays are reused by the next pass of the same
+        shape: copy what you keep."""
+        return self._forward(x, state, None)
+
+    def loss(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[float, State]:
+        """Mean cross-entropy (nats) of targets y (T, N) given inputs x (T, N); no dropout."""
+        ws = self._forward(x, state, None)
+        total = layers.softmax_xent_forward(ws.logits, ws.logits, np.ascontiguousarray(y).reshape(-1),
+                                            numba.get_num_threads())
+        return float(total) / y.size, self._final_state(ws)  # float: a NumPy scalar without the JIT
+
+    def token_logprobs(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """log P(y[t, n] | inputs up to x[t, n]) as float64 (T, N), and the state after."""
+        ws = self._forward(x, state, None)
+        out = np.empty(y.size, dtype=np.float64)
+        layers.log_softmax_gather(out, ws.logits, np.ascontiguousarray(y).reshape(-1), numba.get_num_threads())
+        return out.reshape(y.shape), self._final_state(ws)
+
+    def probs_last(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """Next-token distribution after the last input of x (T, N): (N, V) float64."""
+        ws = self._forward(x, state, None)
+        T, N = x.shape
+        last = ws.logits.reshape(T, N, -1)[-1].astype(np.float64)
+        last -= last.max(axis=1, keepdims=True)
+        e = np.exp(last)
+        return e / e.sum(axis=1, keepdims=True), self._final_state(ws)
+
+    # --------------------------------------------------------------- backward
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, state: State, grads: dict[str, np.ndarray],
+                       rng: np.random.Generator | None = None) -> tuple[float, State]:
+        """Mean cross-entropy over the window and its exact gradient with respect to the
+        trainable parameters (truncated BPTT: no gradient flows into the carried state).
+        Overwrites grads. rng draws the dropout masks (needed when dropout > 0)."""
+        T, N = x.shape
+        M = T * N
+        parts = numba.get_num_threads()
+        ws = self._forward(x, state, rng)
+        targets = np.ascontiguousarray(y).reshape(M)
+        total = layers.softmax_xent_forward(ws.logits, ws.logits, targets, parts)
+        layers.softmax_xent_backward(ws.logits, ws.logits, targets, 1.0 / M, parts)  # logits := dL/dlogits
+        for g in grads.values():
+            g.fill(0)
+        self._backward(ws, x, grads, rng)
+        return float(total) / M, self._final_state(ws)
