@@ -6,8 +6,6 @@ import inspect
 import json
 import math
 import signal
-import time
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -46,20 +44,10 @@ def limit_threads(threads: Optional[int]):
 
 def load_model(model: Optional[str]):
     from ..lm import checkpoint
-    from ..lm.model import build_model
+    from ..lm.models import build_model
     path = checkpoint.resolve(model, models_dir())
     ck = checkpoint.load(path)
     return ck, build_model(ck.model, ck.params)
-
-
-def run_dir_name(corpus_name: str, cell: str) -> Path:
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(corpus_name).stem)[:40] or "corpus"
-    base = Path(models_dir()) / f"{stem}-{cell}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, i = base, 1
-    while path.exists():
-        i += 1
-        path = Path(f"{base}-{i}")
-    return path
 
 
 class StopFlag:

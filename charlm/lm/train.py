@@ -1,5 +1,10 @@
 """The training loop. train() yields events (dicts); it never prints.
 
+train() starts a run (charlm.lm.start: new, resumed, or from a checkpoint's weights), builds the model,
+optimizer and batches for it, then hands them to a _Trainer: its step, guard (a non-finite step restores
+the last good weights and halves the learning rate), evaluation and save. The options of `charlm train`
+are decided in charlm.lm.run.
+
 Events (key "event"):
   note       {"message"}                                   something the user should know
   compiling  {}                                            kernels are being compiled (first run only)
@@ -18,18 +23,21 @@ import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from . import checkpoint as ckpt_mod
 from ..config import ModelConfig, TrainConfig
-from ..data import (TOKENS_FILE, VAL_TOKENS_FILE, Batches, Vocab, eval_windows, file_digest, open_tokens,
-                   scan_vocab, split_train_val, write_tokens)
+from ..data import Batches, Vocab, eval_windows
 from ..errors import CharlmError
-from .model import Model, build_model, create_model
 from ..optim import clip_scale, grad_norm, make_optimizer
+from .base import BaseModel
+from .models import build_model, create_model
 from .score import safe_exp
+from .start import Source, Start, build_vocab, new_run, resumed
+
+__all__ = ["train", "evaluate", "Source", "build_vocab", "LN2", "MAX_NONFINITE", "MAX_HALVINGS", "SNAPSHOT_EVERY"]
 
 LN2 = math.log(2.0)
 MAX_NONFINITE = 5    # non-finite steps in a row before training stops
@@ -68,29 +76,6 @@ def _warm_up(model, batches: Batches, with_sampler: bool, vocab: Vocab) -> None:
 
 
 @dataclass
-class Source:
-    """A corpus to read: pieces() yields its text in pieces and may be called
-    twice (vocabulary pass, encoding pass), so a file larger than memory streams."""
-    pieces: Callable[[], Iterable[str]]
-    name: str = ""
-
-    @classmethod
-    def of(cls, text_or_source, name: str = "") -> "Source | None":
-        if text_or_source is None or isinstance(text_or_source, Source):
-            return text_or_source
-        text = text_or_source
-        return cls(lambda: [text], name)
-
-
-def build_vocab(text: str, cfg: TrainConfig, extra_text: str = "") -> Vocab:
-    """Characters: every code point of the training (and validation) text.
-    Words: from the training text only, by count (cfg.min_count, cfg.max_vocab)."""
-    if cfg.level == "word":
-        return Vocab.words_from_text(text, min_count=cfg.min_count, max_vocab=cfg.max_vocab, lower=cfg.lower)
-    return Vocab.from_text(text + extra_text)
-
-
-@dataclass
 class _Run:
     """Everything that resumes: the loop's position and counters."""
     step: int = 0
@@ -103,64 +88,6 @@ class _Run:
     train_seconds: float = 0.0
     clipped: int = 0
     grad_norms: array = field(default_factory=lambda: array("f"))  # pre-clip norm of every step (float32 in the checkpoint)
-
-
-def _prepare_tokens(source: Source, val_source: Source | None, cfg: TrainConfig, run_dir: Path,
-                    vocab: Vocab | None) -> tuple[Vocab, np.ndarray, np.ndarray, dict, dict]:
-    """Tokenise the corpus (and validation file) into id files in run_dir, streaming."""
-    if vocab is None:
-        if cfg.level == "word":
-            vocab = scan_vocab(source.pieces(), "word", lower=cfg.lower, min_count=cfg.min_count,
-                               max_vocab=cfg.max_vocab)
-        else:
-            pieces = source.pieces() if val_source is None else _chain(source.pieces(), val_source.pieces())
-            vocab = scan_vocab(pieces, "char")
-        words = [t for t in vocab.tokens if t not in ("<eos>", "<unk>")] if vocab.level == "word" else vocab.tokens
-        if all(t.isspace() for t in words):
-            raise CharlmError(f"the corpus {source.name} is empty (or only whitespace)"
-                              + ("; or --min-count leaves no words" if vocab.level == "word" else "")
-                              + ": give a text with some content")
-    ids, oov = write_tokens(source.pieces(), vocab, run_dir / TOKENS_FILE)
-    data = {"tokens": TOKENS_FILE, "dtype": ids.dtype.str, "n_tokens": int(len(ids)),
-            "sha256": file_digest(run_dir / TOKENS_FILE)}
-    if val_source is not None:
-        vals, val_oov = write_tokens(val_source.pieces(), vocab, run_dir / VAL_TOKENS_FILE)
-        data["val_oov"] = int(sum(val_oov.values()))
-        val_ids = np.concatenate([[vocab.eos_id], vals]).astype(ids.dtype)
-        train_ids = ids
-        data.update(val_tokens=VAL_TOKENS_FILE, n_val_file=int(len(vals)),
-                    val_sha256=file_digest(run_dir / VAL_TOKENS_FILE))
-    else:
-        train_ids, val_ids = split_train_val(ids, cfg.val_frac)
-    data["n_train"] = int(len(train_ids))
-    return vocab, train_ids, val_ids, data, oov
-
-
-def _chain(*iterables):
-    for it in iterables:
-        yield from it
-
-
-def _reopen_tokens(ck: ckpt_mod.Checkpoint, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The token files a checkpoint's run was trained on, checked against their digests."""
-    data = ck.data
-    if not data.get("tokens"):
-        raise CharlmError(f"{ck.path} records no token files; it cannot be resumed (use --init-from to fine-tune)")
-    path = run_dir / data["tokens"]
-    if not path.is_file():
-        raise CharlmError(f"cannot resume: the run's token file {path} is missing; keep the run directory whole, "
-                          f"or start again with --init-from {ck.path}")
-    if file_digest(path) != data["sha256"]:
-        raise CharlmError(f"cannot resume: {path} does not match the checkpoint (it was changed)")
-    ids = open_tokens(path, data["dtype"])
-    if data.get("val_tokens"):
-        vpath = run_dir / data["val_tokens"]
-        if not vpath.is_file() or file_digest(vpath) != data["val_sha256"]:
-            raise CharlmError(f"cannot resume: the validation token file {vpath} is missing or changed")
-        vals = open_tokens(vpath, data["dtype"])
-        return ids, np.concatenate([[ck.vocab.eos_id], vals]).astype(ids.dtype)
-    n = data["n_train"]
-    return ids[:n], ids[n:]
 
 
 def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir: str | Path | None, *,
@@ -181,147 +108,197 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
     init_from: start a new run from that checkpoint's weights and vocabulary
     (fine-tuning); tokens outside the vocabulary are reported (and refused with
     strict_vocab).
+    The run's options as the command line takes them: charlm.lm.run.train().
     """
     if resume is not None:
-        run_dir = Path(resume.path).parent if run_dir is None else Path(run_dir)
-        vocab = resume.vocab
-        mcfg = resume.model
-        base = resume.train or train_cfg
-        train_cfg = TrainConfig(**{**base.to_dict(), "steps": train_cfg.steps, "epochs": train_cfg.epochs,
-                                   "minutes": train_cfg.minutes})
-        train_ids, val_ids = _reopen_tokens(resume, run_dir)
-        data = dict(resume.data)
-        corpus_name = resume.corpus
+        start = resumed(resume, train_cfg, run_dir)
     else:
-        source = Source.of(corpus, corpus_name)
-        val_source = Source.of(val_text, "validation")
-        if source is None:
-            raise CharlmError("no corpus given")
-        run_dir = Path(run_dir)
-        if (run_dir / ckpt_mod.LATEST).exists() or (run_dir / ckpt_mod.BEST).exists():
-            raise CharlmError(f"{run_dir} already holds a run's checkpoints; continue it with --resume {run_dir}, "
-                              f"or give a new --out")
-        created = next((p for p in [*reversed(run_dir.absolute().parents), run_dir.absolute()]
-                        if not p.exists()), None)  # the first folder this run creates, removed on failure
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CharlmError(f"cannot create output folder {run_dir}: {e.strerror}") from None
-        try:
-            vocab, train_ids, val_ids, data, oov = _prepare_tokens(
-                source, val_source, train_cfg, run_dir, init_from.vocab if init_from else None)
-            if len(train_ids) == 0:
-                raise CharlmError("the corpus is empty; give a text file with some content")
-            Batches(train_ids, train_cfg.seq_len, train_cfg.batch)  # too short: fail before anything is kept
-            if oov:
-                total = sum(oov.values())
-                top = ", ".join(f"{t!r} ×{c}" for t, c in sorted(oov.items(), key=lambda kv: -kv[1])[:10])
-                what = "mapped to <unk>" if vocab.level == "word" else "left out"
-                if strict_vocab:
-                    raise CharlmError(f"{total} tokens of the corpus ({len(oov)} distinct) are not in the vocabulary "
-                                      f"of {init_from.path}: {top}; drop --strict-vocab to have them {what}")
-        except BaseException:
-            if created is not None:
-                import shutil
-                shutil.rmtree(created, ignore_errors=True)
-            raise
-        if oov:
-            yield {"event": "note", "message": f"{total} tokens ({len(oov)} distinct) are not in the model's "
-                                               f"vocabulary and are {what}: {top}"}
-        if data.get("val_oov"):
-            what = "mapped to <unk>" if vocab.level == "word" else "left out"
-            yield {"event": "note", "message": f"{data['val_oov']} tokens of the validation file are not in the "
-                                               f"vocabulary and are {what}"}
-        if init_from is not None:
-            mcfg = init_from.model
-        else:
-            mcfg = ModelConfig(**{**model_cfg.to_dict(), "vocab_size": len(vocab)})
-    ckpt_mod.remove_stale_temporaries(run_dir)  # left by a process of this run killed while saving
-    batches = Batches(train_ids, train_cfg.seq_len, train_cfg.batch)
-    if batches.N < train_cfg.batch:
-        yield {"event": "note", "message": f"the corpus is short: training {batches.N} parallel streams instead of --batch {train_cfg.batch}"}
-    if train_cfg.level == "word" and resume is None:
-        n_unk = int((train_ids == vocab.unk_id).sum())
-        yield {"event": "note", "message": f"word vocabulary: {len(vocab):,} tokens; {n_unk:,} of {len(train_ids):,} "
+        start = yield from new_run(corpus, model_cfg, train_cfg, run_dir, val_text=val_text, init_from=init_from,
+                                    strict_vocab=strict_vocab, corpus_name=corpus_name)
+    trainer = yield from _Trainer.begin(start, sample_chars=sample_chars, sample_temp=sample_temp,
+                                        checkpoint_every=checkpoint_every, should_stop=should_stop, clock=clock)
+    yield from trainer.loop()
+
+
+def _start_notes(s: Start, batches: Batches) -> Iterator[dict]:
+    if batches.N < s.train_cfg.batch:
+        yield {"event": "note", "message": f"the corpus is short: training {batches.N} parallel streams instead of --batch {s.train_cfg.batch}"}
+    if s.train_cfg.level == "word" and s.resume is None:
+        n_unk = int((s.train_ids == s.vocab.unk_id).sum())
+        yield {"event": "note", "message": f"word vocabulary: {len(s.vocab):,} tokens; {n_unk:,} of {len(s.train_ids):,} "
                                            f"training tokens are <unk>"}
-    if len(val_ids) < 2:
+    if len(s.val_ids) < 2:
         yield {"event": "note", "message": "the corpus is too short to hold out a validation set; reporting training loss only"}
 
-    if resume is not None:
-        model = build_model(mcfg, {k: np.array(v) for k, v in resume.params.items()})
-    elif init_from is not None:
-        model = build_model(mcfg, {k: np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype)
-                                   for k, v in init_from.params.items()})
-    else:
-        model = create_model(mcfg, seed=train_cfg.seed)
-    opt = make_optimizer(train_cfg.optimizer, model.trainable)
-    grads = model.zero_grads()
-    rng = np.random.default_rng(train_cfg.seed)
-    run = _Run(lr=train_cfg.lr)
-    state = model.zero_state(batches.N)
-    if resume is not None:
-        opt.load_state(resume.optimizer, resume.opt_arrays)
-        rng.bit_generator.state = resume.rng
-        c = resume.counters
-        run = _Run(step=resume.step, epoch=resume.epoch, window=resume.window,
-                   lr=float(resume.optimizer.get("lr", train_cfg.lr)), best_val=resume.best_val_loss,
-                   history=list(resume.history), tokens=int(c.get("tokens", 0)),
-                   train_seconds=float(c.get("train_seconds", 0.0)), clipped=int(c.get("clipped", 0)),
-                   grad_norms=array("f", [] if resume.grad_norms is None else resume.grad_norms.tolist()))
-        if "h" in resume.state and resume.state["h"].shape == state.h.shape:
-            state.h[...] = resume.state["h"]
-            state.c[...] = resume.state["c"]
 
-    t0 = clock()
-    yield {"event": "compiling"}
-    _warm_up(model, batches, sample_chars > 0, vocab)
-    yield {"event": "compiled", "seconds": clock() - t0}
+def _initial_model(s: Start) -> BaseModel:
+    """The checkpoint's weights (as saved on resume; float32 with init_from), or new ones from the seed."""
+    if s.resume is not None:
+        return build_model(s.model_cfg, {k: np.array(v) for k, v in s.resume.params.items()})
+    if s.init_from is not None:
+        return build_model(s.model_cfg, {k: np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype)
+                                         for k, v in s.init_from.params.items()})
+    return create_model(s.model_cfg, seed=s.train_cfg.seed)
 
-    wpe = batches.windows_per_epoch
-    first_step = run.step
-    budget = train_cfg.steps or (int(math.ceil(train_cfg.epochs * wpe)) if train_cfg.epochs else 0)
-    total_steps = first_step + budget if budget else 0
-    deadline = train_cfg.minutes * 60.0 if train_cfg.minutes else 0.0
-    n_params = sum(p.size for p in model.trainable.values())
-    yield {"event": "start", "run_dir": str(run_dir), "n_train": int(len(train_ids)), "n_val": int(len(val_ids)),
-           "vocab_size": len(vocab), "streams": batches.N, "windows_per_epoch": wpe,
-           "first_step": first_step, "total_steps": total_steps or None, "deadline_s": deadline or None,
-           "params": int(n_params), "resumed": resume is not None}
 
-    since_eval_loss = 0.0
-    since_eval_n = 0
-    nonfinite_run = 0
-    halvings = 0
-    start = clock()
-    best_path = run_dir / ckpt_mod.BEST
-    latest_path = run_dir / ckpt_mod.LATEST
-    reason = "budget"
-    snapshot = _snapshot(model, opt, state, run.step)
-    tokens_at_start, seconds_at_start = run.tokens, run.train_seconds
+def _resume_run(ck: ckpt_mod.Checkpoint, opt, rng: np.random.Generator, state, lr: float) -> _Run:
+    """Put a checkpoint's optimizer state, RNG and carried state back; its counters as a _Run."""
+    opt.load_state(ck.optimizer, ck.opt_arrays)
+    rng.bit_generator.state = ck.rng
+    c = ck.counters
+    run = _Run(step=ck.step, epoch=ck.epoch, window=ck.window, lr=float(ck.optimizer.get("lr", lr)),
+               best_val=ck.best_val_loss, history=list(ck.history), tokens=int(c.get("tokens", 0)),
+               train_seconds=float(c.get("train_seconds", 0.0)), clipped=int(c.get("clipped", 0)),
+               grad_norms=array("f", [] if ck.grad_norms is None else ck.grad_norms.tolist()))
+    if "h" in ck.state and ck.state["h"].shape == state.h.shape:
+        state.h[...] = ck.state["h"]
+        state.c[...] = ck.state["c"]
+    return run
 
-    def save(path: Path) -> Iterator[dict]:
-        if not all(np.isfinite(p).all() for p in model.params.values()):
-            yield {"event": "note", "message": f"not saving {path}: the weights are not finite"}
+
+class _Trainer:
+    """The loop over a prepared start: steps, the guard against non-finite steps, evaluations and saves.
+    Its methods are generators of events; the state they share lives on the instance."""
+
+    def __init__(self, s: Start, batches: Batches, model: BaseModel, opt, rng: np.random.Generator, run: _Run, state,
+                 *, sample_chars: int, sample_temp: float, checkpoint_every: int,
+                 should_stop: Callable[[], bool], clock: Callable[[], float]):
+        self.s, self.cfg, self.batches, self.model, self.opt = s, s.train_cfg, batches, model, opt
+        self.rng, self.run, self.state = rng, run, state
+        self.grads = model.zero_grads()
+        self.sample_chars, self.sample_temp, self.checkpoint_every = sample_chars, sample_temp, checkpoint_every
+        self.should_stop, self.clock = should_stop, clock
+        self.best_path, self.latest_path = s.run_dir / ckpt_mod.BEST, s.run_dir / ckpt_mod.LATEST
+        self.wpe = batches.windows_per_epoch
+        self.first_step = run.step
+        budget = self.cfg.steps or (int(math.ceil(self.cfg.epochs * self.wpe)) if self.cfg.epochs else 0)
+        self.total_steps = self.first_step + budget if budget else 0
+        self.deadline = self.cfg.minutes * 60.0 if self.cfg.minutes else 0.0
+        self.tokens_at_start, self.seconds_at_start = run.tokens, run.train_seconds
+        self.since_eval_loss, self.since_eval_n = 0.0, 0
+        self.nonfinite_run = self.halvings = 0
+        self.reason = "budget"
+        self.started = 0.0
+        self.snapshot: dict = {}
+
+    @classmethod
+    def begin(cls, s: Start, **loop_options):
+        """Batches, model, optimizer, RNG and counters for the start (restored on resume).
+        A generator: yields notes, returns the _Trainer."""
+        ckpt_mod.remove_stale_temporaries(s.run_dir)  # left by a process of this run killed while saving
+        batches = Batches(s.train_ids, s.train_cfg.seq_len, s.train_cfg.batch)
+        yield from _start_notes(s, batches)
+        model = _initial_model(s)
+        opt = make_optimizer(s.train_cfg.optimizer, model.trainable)
+        rng = np.random.default_rng(s.train_cfg.seed)
+        state = model.zero_state(batches.N)
+        if s.resume is not None:
+            run = _resume_run(s.resume, opt, rng, state, s.train_cfg.lr)
+        else:
+            run = _Run(lr=s.train_cfg.lr)
+        return cls(s, batches, model, opt, rng, run, state, **loop_options)
+
+    def loop(self) -> Iterator[dict]:
+        """Compile, announce the start, step until the budget, the deadline or should_stop; evaluate and
+        save at the end unless the last step just did."""
+        yield from self._start()
+        while not self._over():
+            yield from self._step()
+        run = self.run
+        if run.step == self.first_step or not run.history or run.history[-1]["step"] != run.step:
+            yield from self._evaluate()
+        yield self._done()
+
+    def _start(self) -> Iterator[dict]:
+        t0 = self.clock()
+        yield {"event": "compiling"}
+        _warm_up(self.model, self.batches, self.sample_chars > 0, self.s.vocab)
+        yield {"event": "compiled", "seconds": self.clock() - t0}
+        s, n_params = self.s, sum(p.size for p in self.model.trainable.values())
+        yield {"event": "start", "run_dir": str(s.run_dir), "n_train": int(len(s.train_ids)),
+               "n_val": int(len(s.val_ids)), "vocab_size": len(s.vocab), "streams": self.batches.N,
+               "windows_per_epoch": self.wpe, "first_step": self.first_step,
+               "total_steps": self.total_steps or None, "deadline_s": self.deadline or None,
+               "params": int(n_params), "resumed": s.resume is not None}
+        self.started = self.clock()
+        self.snapshot = _snapshot(self.model, self.opt, self.state, self.run.step)
+
+    def _over(self) -> bool:
+        if self.total_steps and self.run.step >= self.total_steps:
+            return True
+        if self.deadline and self.clock() - self.started >= self.deadline:
+            return True
+        if self.should_stop():
+            self.reason = "interrupted"
+            return True
+        return False
+
+    def _step(self) -> Iterator[dict]:
+        """One truncated-BPTT window: forward, backward, clip, update; evaluate or save when due."""
+        run, cfg, model = self.run, self.cfg, self.model
+        if run.window >= self.wpe:
+            run.window = 0
+            run.epoch += 1
+            self.state = model.zero_state(self.batches.N)
+        x, y = self.batches.window(run.window)
+        ts = self.clock()
+        loss, new_state = model.loss_and_grads(x, y, self.state, self.grads, self.rng)
+        norm = grad_norm(self.grads)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            yield from self._guard()
             return
-        ck = ckpt_mod.Checkpoint(
-            model=mcfg, vocab=vocab, params=model.params, train=train_cfg,
-            optimizer={**opt.state_meta(), "lr": run.lr}, opt_arrays=opt.state_arrays(),
-            state={"h": state.h, "c": state.c}, step=run.step, epoch=run.epoch, window=run.window,
-            best_val_loss=run.best_val, rng=rng.bit_generator.state, history=run.history, corpus=corpus_name,
-            data=data, counters={"tokens": run.tokens, "train_seconds": run.train_seconds, "clipped": run.clipped},
-            grad_norms=np.frombuffer(run.grad_norms, dtype=np.float32).copy())
-        ckpt_mod.save(ck, path)
-        yield {"event": "saved", "path": str(path)}
+        self.nonfinite_run = 0
+        if run.step - self.snapshot["step"] >= SNAPSHOT_EVERY:
+            # before the update: these weights just gave a finite loss and gradient (the update
+            # itself may overflow them, and a snapshot of those could never be recovered from)
+            self.snapshot = _snapshot(model, self.opt, self.state, run.step)
+        scale = clip_scale(norm, cfg.clip)
+        run.clipped += scale < 1.0
+        run.grad_norms.append(norm)
+        self.opt.step(model.trainable, self.grads, run.lr, scale)
+        self.state = new_state
+        run.train_seconds += self.clock() - ts
+        run.tokens += x.size
+        run.step += 1
+        run.window += 1
+        self.since_eval_loss += loss
+        self.since_eval_n += 1
+        yield {"event": "step", "step": run.step, "loss": loss, "grad_norm": norm, "clipped": scale < 1.0,
+               "tokens_per_s": self._rate(), "epoch": run.epoch + run.window / self.wpe,
+               "elapsed_s": self.clock() - self.started}
+        if run.step % cfg.eval_every == 0:
+            yield from self._evaluate()
+        elif self.checkpoint_every and run.step % self.checkpoint_every == 0:
+            yield from self._save(self.latest_path)
 
-    def rate() -> float:
-        t = run.train_seconds - seconds_at_start
-        return (run.tokens - tokens_at_start) / t if t > 0 else 0.0
+    def _guard(self) -> Iterator[dict]:
+        """A non-finite loss or gradient: skip the update, restore the last good weights, halve the
+        learning rate; after too many, save and stop with advice."""
+        run = self.run
+        self.nonfinite_run += 1
+        self.halvings += 1
+        run.lr *= 0.5
+        self.state = _restore(self.snapshot, self.model, self.opt, self.batches.N)
+        yield {"event": "nonfinite", "step": run.step, "lr": run.lr, "restored_step": self.snapshot["step"]}
+        if self.nonfinite_run >= MAX_NONFINITE or self.halvings >= MAX_HALVINGS:
+            latest = self.latest_path
+            yield from self._save(latest)
+            what = (f"after {MAX_NONFINITE} tries in a row" if self.nonfinite_run >= MAX_NONFINITE
+                    else f"{MAX_HALVINGS} times (the gradients are exploding)")
+            raise CharlmError(f"the loss was not finite {what}, each time with a halved learning rate; "
+                              f"start again with a lower --lr or with clipping (--clip 5), e.g. charlm train CORPUS "
+                              f"--init-from {latest} --lr {run.lr:g} (the last good weights are in {latest})")
 
-    def do_eval() -> Iterator[dict]:
-        nonlocal since_eval_loss, since_eval_n
-        val = evaluate(model, val_ids, train_cfg.seq_len, batches.N) if len(val_ids) >= 2 else float("nan")
-        train_loss = since_eval_loss / since_eval_n if since_eval_n else float("nan")
-        since_eval_loss, since_eval_n = 0.0, 0
+    def _rate(self) -> float:
+        t = self.run.train_seconds - self.seconds_at_start
+        return (self.run.tokens - self.tokens_at_start) / t if t > 0 else 0.0
+
+    def _evaluate(self) -> Iterator[dict]:
+        """Validation loss, history, a sample; save latest.npz, and best.npz if it improved."""
+        run, s = self.run, self.s
+        val = evaluate(self.model, s.val_ids, self.cfg.seq_len, self.batches.N) if len(s.val_ids) >= 2 else float("nan")
+        train_loss = self.since_eval_loss / self.since_eval_n if self.since_eval_n else float("nan")
+        self.since_eval_loss, self.since_eval_n = 0.0, 0
         improved = math.isfinite(val) and (run.best_val is None or val < run.best_val)
         if improved:
             run.best_val = val
@@ -329,90 +306,57 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
                             "val_loss": val if math.isfinite(val) else None,
                             "clipped": run.clipped, "lr": run.lr})
         sample = ""
-        if sample_chars > 0:
+        if self.sample_chars > 0:
             from .sample import generate
-            sample = "".join(generate(model, vocab, sample_chars, temperature=sample_temp, seed=run.step))
+            sample = "".join(generate(self.model, s.vocab, self.sample_chars, temperature=self.sample_temp,
+                                      seed=run.step))
         yield {"event": "eval", "step": run.step, "train_loss": train_loss, "val_loss": val,
                "val_bpc": val / LN2, "val_ppl": safe_exp(val) if math.isfinite(val) else float("nan"),
-               "tokens_per_s": rate(), "sample": sample, "best": improved}
-        yield from save(latest_path)
-        if improved or not (best_path.exists() or math.isfinite(val)):
-            yield from save(best_path)
+               "tokens_per_s": self._rate(), "sample": sample, "best": improved}
+        yield from self._save(self.latest_path)
+        if improved or not (self.best_path.exists() or math.isfinite(val)):
+            yield from self._save(self.best_path)
 
-    while True:
-        if total_steps and run.step >= total_steps:
-            break
-        if deadline and clock() - start >= deadline:
-            break
-        if should_stop():
-            reason = "interrupted"
-            break
-        if run.window >= wpe:
-            run.window = 0
-            run.epoch += 1
-            state = model.zero_state(batches.N)
-        x, y = batches.window(run.window)
-        ts = clock()
-        loss, new_state = model.loss_and_grads(x, y, state, grads, rng)
-        norm = grad_norm(grads)
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            nonfinite_run += 1
-            halvings += 1
-            run.lr *= 0.5
-            state = _restore(snapshot, model, opt, batches.N)
-            yield {"event": "nonfinite", "step": run.step, "lr": run.lr, "restored_step": snapshot["step"]}
-            if nonfinite_run >= MAX_NONFINITE or halvings >= MAX_HALVINGS:
-                yield from save(latest_path)
-                what = (f"after {MAX_NONFINITE} tries in a row" if nonfinite_run >= MAX_NONFINITE
-                        else f"{MAX_HALVINGS} times (the gradients are exploding)")
-                raise CharlmError(f"the loss was not finite {what}, each time with a halved learning rate; "
-                                  f"start again with a lower --lr or with clipping (--clip 5), e.g. charlm train CORPUS "
-                                  f"--init-from {latest_path} --lr {run.lr:g} (the last good weights are in {latest_path})")
-            continue
-        nonfinite_run = 0
-        if run.step - snapshot["step"] >= SNAPSHOT_EVERY:
-            # before the update: these weights just gave a finite loss and gradient (the update
-            # itself may overflow them, and a snapshot of those could never be recovered from)
-            snapshot = _snapshot(model, opt, state, run.step)
-        scale = clip_scale(norm, train_cfg.clip)
-        run.clipped += scale < 1.0
-        run.grad_norms.append(norm)
-        opt.step(model.trainable, grads, run.lr, scale)
-        state = new_state
-        run.train_seconds += clock() - ts
-        run.tokens += x.size
-        run.step += 1
-        run.window += 1
-        since_eval_loss += loss
-        since_eval_n += 1
-        yield {"event": "step", "step": run.step, "loss": loss, "grad_norm": norm, "clipped": scale < 1.0,
-               "tokens_per_s": rate(), "epoch": run.epoch + run.window / wpe, "elapsed_s": clock() - start}
-        if run.step % train_cfg.eval_every == 0:
-            yield from do_eval()
-        elif checkpoint_every and run.step % checkpoint_every == 0:
-            yield from save(latest_path)
-    if run.step == first_step or not run.history or run.history[-1]["step"] != run.step:
-        yield from do_eval()
-    yield {"event": "done", "steps": run.step, "tokens": run.tokens - tokens_at_start, "seconds": clock() - start,
-           "train_seconds": run.train_seconds - seconds_at_start, "tokens_per_s": rate(),
-           "best_val_bpc": run.best_val / LN2 if run.best_val is not None else None,
-           "best_val_ppl": safe_exp(run.best_val) if run.best_val is not None else None, "level": train_cfg.level,
-           "checkpoint": str(best_path), "latest": str(latest_path), "reason": reason,
-           "clipped_fraction": run.clipped / run.step if run.step else 0.0,
-           "grad_norm_median": float(np.median(np.frombuffer(run.grad_norms, dtype=np.float32))) if run.grad_norms else None,
-           "run_dir": str(run_dir)}
+    def _save(self, path: Path) -> Iterator[dict]:
+        model, run, s = self.model, self.run, self.s
+        if not all(np.isfinite(p).all() for p in model.params.values()):
+            yield {"event": "note", "message": f"not saving {path}: the weights are not finite"}
+            return
+        ck = ckpt_mod.Checkpoint(
+            model=s.model_cfg, vocab=s.vocab, params=model.params, train=self.cfg,
+            optimizer={**self.opt.state_meta(), "lr": run.lr}, opt_arrays=self.opt.state_arrays(),
+            state={"h": self.state.h, "c": self.state.c}, step=run.step, epoch=run.epoch, window=run.window,
+            best_val_loss=run.best_val, rng=self.rng.bit_generator.state, history=run.history,
+            corpus=s.corpus_name, data=s.data,
+            counters={"tokens": run.tokens, "train_seconds": run.train_seconds, "clipped": run.clipped},
+            grad_norms=np.frombuffer(run.grad_norms, dtype=np.float32).copy())
+        ckpt_mod.save(ck, path)
+        yield {"event": "saved", "path": str(path)}
+
+    def _done(self) -> dict:
+        run = self.run
+        norms = np.frombuffer(run.grad_norms, dtype=np.float32)
+        return {"event": "done", "steps": run.step, "tokens": run.tokens - self.tokens_at_start,
+                "seconds": self.clock() - self.started, "train_seconds": run.train_seconds - self.seconds_at_start,
+                "tokens_per_s": self._rate(),
+                "best_val_bpc": run.best_val / LN2 if run.best_val is not None else None,
+                "best_val_ppl": safe_exp(run.best_val) if run.best_val is not None else None,
+                "level": self.cfg.level, "checkpoint": str(self.best_path), "latest": str(self.latest_path),
+                "reason": self.reason, "clipped_fraction": run.clipped / run.step if run.step else 0.0,
+                "grad_norm_median": float(np.median(norms)) if run.grad_norms else None,
+                "run_dir": str(self.s.run_dir)}
 
 
 SNAPSHOT_EVERY = 100
 
 
-def _snapshot(model: Model, opt, state, step: int = 0) -> dict:
+def _snapshot(model: BaseModel, opt, state, step: int = 0) -> dict:
     """In-memory copy of the last good weights and optimizer state."""
     return {"step": step, "params": {k: v.copy() for k, v in model.trainable.items()},
             "opt": {k: v.copy() for k, v in opt.state_arrays().items()}, "t": opt.t}
 
 
-def _restore(snapshot: dict, model: Model, opt, streams: int):
+def _restore(snapshot: dict, model: BaseModel, opt, streams: int):
     """Put the snapshot back; returns a zero hidden state for `streams` streams."""
     for k, v in snapshot["params"].items():
         model.params[k][...] = v

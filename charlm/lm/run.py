@@ -1,0 +1,257 @@
+"""Run planning: what the options of `charlm train` (and of charlm.train) mean.
+
+plan() turns a corpus and options into a Plan: the checks that options do not contradict each other or
+the checkpoint a run resumes / starts from, the model and training configurations, the corpus to read and
+the run directory. train() is plan() followed by the training loop (charlm.lm.train), and is what the
+command line calls. Every problem is a CharlmError worded with the command line's flag names.
+
+Options a caller passes are "given": with --resume or --init-from, a given option that disagrees with the
+checkpoint is refused (naming it) rather than silently ignored. Options not passed take DEFAULTS.
+
+Heavy modules (the model, its kernels, NumPy) are imported only when a run is planned, so importing
+this module (and charlm) stays fast.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from ..config import ModelConfig, TrainConfig, models_dir
+from ..errors import CharlmError
+
+# The options of `charlm train`, by their Python names, with the defaults the command line shows.
+DEFAULTS: dict[str, Any] = dict(
+    cell="lstm", hidden=256, layers=2, embed=64, seq_len=64, batch=32, lr=2e-3, optimizer="adam", clip=5.0,
+    dropout=0.0, units=1000, leak=1.0, sr=0.9, connectivity=0.0, input_scaling=1.0, bias_scaling=0.0,
+    steps=None, epochs=None, minutes=None, val_frac=0.05, eval_every=500, seed=0, out=None, encoding="utf-8",
+    errors="strict", sample_length=200, level="char", lower=False, min_count=1, max_vocab=50_000, val=None,
+    resume=None, init_from=None, strict_vocab=False, checkpoint_every=0)
+DEFAULT_MINUTES = 3.0  # the budget when none of steps / epochs / minutes is given
+
+_ESN_FLAGS = ["units", "leak", "sr", "connectivity", "input_scaling", "bias_scaling"]
+_MODEL_FLAGS = ["cell", "hidden", "layers", "embed", "dropout"] + _ESN_FLAGS
+_DATA_FLAGS = ["seq_len", "batch", "level", "lower", "min_count", "max_vocab", "val_frac", "optimizer", "seed"]
+_RUN_FLAGS = ["lr", "clip", "eval_every"]  # continued exactly by --resume, free with --init-from
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class Plan:
+    """A run, fully decided: what train() hands to the training loop."""
+    model: ModelConfig              # ignored by the loop on resume / init-from (the checkpoint's is used)
+    train: TrainConfig              # on resume only its budget (steps, epochs, minutes) counts
+    run_dir: Path
+    corpus_name: str
+    source: Any = None              # charlm.lm.start.Source of the corpus; None on resume
+    val_source: Any = None          # of the validation file, if one is given
+    resume: Any = None              # the checkpoint continued (charlm.lm.checkpoint.Checkpoint)
+    init_from: Any = None           # the checkpoint a new run starts from
+    strict_vocab: bool = False
+    checkpoint_every: int = 0
+    sample_length: int = 200
+
+    @property
+    def level(self) -> str:
+        return self.train.level
+
+    def events(self, should_stop: Optional[Callable[[], bool]] = None) -> Iterator[dict]:
+        """Run the training loop on this plan; yields the events of charlm.lm.train."""
+        from .train import train as run_train
+        return run_train(self.source, self.model, self.train, self.run_dir, corpus_name=self.corpus_name,
+                         val_text=self.val_source, resume=self.resume, init_from=self.init_from,
+                         strict_vocab=self.strict_vocab, checkpoint_every=self.checkpoint_every,
+                         sample_chars=self.sample_length, should_stop=should_stop or (lambda: False))
+
+
+def train(corpus: str | os.PathLike | None = None, *, should_stop: Optional[Callable[[], bool]] = None,
+          **options) -> Iterator[dict]:
+    """Train a language model, yielding progress events; what `charlm train` runs.
+
+    corpus: a UTF-8 text file (str or path), "-" for standard input, or None for the built-in corpus (the
+    English documentation text shipped with CPython). Not allowed with resume, which continues with the
+    run's own data.
+
+    options: those of `charlm train`, with underscores (defaults in DEFAULTS):
+      model      cell ("rnn", "gru", "lstm", "esn"), hidden, layers, embed, dropout;
+                 ESN only: units, leak, sr, connectivity, input_scaling, bias_scaling
+      training   seq_len, batch, lr, optimizer ("adam", "sgd"), clip, seed
+      budget     steps, epochs, minutes (counted from the checkpoint's step on resume; none given: 3 minutes)
+      data       level ("char", "word"), lower, min_count, max_vocab, val_frac, val (a validation file),
+                 encoding, errors ("strict", "replace", "ignore")
+      run        out (run directory; default models/<corpus>-<cell>-<time>), eval_every, checkpoint_every,
+                 sample_length (tokens sampled at each evaluation; 0 for none)
+      start      resume (a run directory or checkpoint to continue exactly), init_from (a checkpoint whose
+                 weights and vocabulary start a new run), strict_vocab (with init_from: refuse tokens
+                 outside its vocabulary)
+    Every option passed counts as given: with resume or init_from, one that contradicts the checkpoint
+    raises CharlmError naming it. should_stop: called before each step; True stops after saving.
+
+    Yields dicts with an "event" key: note, compiling, compiled, start, step, nonfinite, eval, saved and
+    finally done (steps, best_val_bpc, checkpoint, latest, run_dir, ...); see charlm.lm.train. Writes
+    latest.npz and best.npz into the run directory. Problems raise CharlmError (when iteration starts).
+
+        for ev in charlm.train("book.txt", cell="gru", hidden=128, steps=500):
+            if ev["event"] == "eval":
+                print(ev["step"], ev["val_bpc"])
+    """
+    yield from plan(corpus, **options).events(should_stop)
+
+
+def plan(corpus: str | os.PathLike | None = None, **options) -> Plan:
+    """Check the options (those of train(); every one passed counts as given) and decide the run."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown training option(s) {', '.join(unknown)}; the options are {', '.join(DEFAULTS)}")
+    given = set(options)
+    o = {**DEFAULTS, **options}
+    _check_options(o)
+    resume_ck = _resume_checkpoint(corpus, o, given) if o["resume"] else None
+    init_ck = _init_checkpoint(o, given) if o["init_from"] else None
+    ck = resume_ck or init_ck
+    level = ck.vocab.level if ck is not None else o["level"]
+    if resume_ck is None:
+        source, val_source, corpus_name = _sources(corpus, o)
+    else:
+        source = val_source = None
+        corpus_name = resume_ck.corpus
+    mcfg = _model_config(o, given)
+    steps, epochs, minutes = o["steps"], o["epochs"], o["minutes"]
+    budget_given = any(v is not None for v in (steps, epochs, minutes))
+    tcfg = TrainConfig(seq_len=o["seq_len"], batch=o["batch"], lr=o["lr"], optimizer=o["optimizer"], clip=o["clip"],
+                       steps=steps or 0, epochs=epochs or 0.0,
+                       minutes=(minutes or 0.0) if budget_given else DEFAULT_MINUTES,
+                       val_frac=o["val_frac"], eval_every=o["eval_every"], seed=o["seed"], level=level,
+                       lower=o["lower"], min_count=o["min_count"], max_vocab=o["max_vocab"])
+    if resume_ck is not None:
+        run_dir = Path(resume_ck.path).parent
+    else:
+        run_dir = Path(o["out"]) if o["out"] else run_dir_name(corpus_name, init_ck.model.cell if init_ck else o["cell"])
+    return Plan(model=mcfg, train=tcfg, run_dir=run_dir, corpus_name=corpus_name, source=source,
+                val_source=val_source, resume=resume_ck, init_from=init_ck, strict_vocab=o["strict_vocab"],
+                checkpoint_every=o["checkpoint_every"], sample_length=o["sample_length"])
+
+
+def _check_options(o: dict) -> None:
+    """The checks that need no file: budgets, counts, and options that exclude each other."""
+    for name in ("steps", "epochs", "minutes"):
+        if o[name] is not None and o[name] <= 0:
+            raise CharlmError(f"--{name} must be positive, got {o[name]}")
+    if o["sample_length"] < 0:
+        raise CharlmError(f"--sample-length must be 0 or positive, got {o['sample_length']}")
+    if o["checkpoint_every"] < 0:
+        raise CharlmError(f"--checkpoint-every must be 0 (off) or positive, got {o['checkpoint_every']}")
+    if o["resume"] and o["init_from"]:
+        raise CharlmError("give either --resume or --init-from, not both")
+    if o["strict_vocab"] and not o["init_from"]:
+        raise CharlmError("--strict-vocab applies only with --init-from (a new run's vocabulary is built from its corpus)")
+
+
+def _resume_checkpoint(corpus, o: dict, given: set):
+    """The checkpoint --resume continues, once nothing given contradicts it."""
+    from . import checkpoint
+    if corpus is not None or o["val"] is not None:
+        raise CharlmError("--resume continues with the run's own data; drop the CORPUS / --val arguments")
+    ck = checkpoint.load(_latest_of(o["resume"]))
+    refuse_contradictions(given & set(_MODEL_FLAGS + _DATA_FLAGS + _RUN_FLAGS), o, ck, "--resume")
+    out, own = o["out"], Path(ck.path).parent
+    if out is not None and Path(out).resolve() != own.resolve():
+        raise CharlmError(f"--out {out} contradicts --resume, which continues in the run's own folder {own}: drop --out")
+    return ck
+
+
+def _init_checkpoint(o: dict, given: set):
+    """The checkpoint --init-from starts from, once no architecture option given contradicts it."""
+    from . import checkpoint
+    ck = checkpoint.load(checkpoint.resolve(o["init_from"], models_dir()))
+    refuse_contradictions(given & (set(_MODEL_FLAGS) | {"level", "lower"}), o, ck, "--init-from")
+    return ck
+
+
+def _sources(corpus, o: dict):
+    """The corpus and validation file to read, checked before anything is read: (source, val_source, name)."""
+    from ..data import check_text_file, default_corpus, iter_text, read_text
+    from .start import Source
+    encoding, errors, val = o["encoding"], o["errors"], o["val"]
+    if corpus is None:
+        text, corpus_name = default_corpus()
+        source = Source.of(text, corpus_name)
+    elif str(corpus) == "-":
+        corpus_name = "stdin"
+        source = Source.of(read_text("-", encoding, errors), corpus_name)
+    else:
+        path = str(corpus)
+        corpus_name = Path(path).name
+        check_text_file(path, encoding, errors)  # fail early on a bad path, without reading the text
+        source = Source(lambda: iter_text(path, encoding, errors), corpus_name)
+    val_source = None
+    if val is not None:
+        val = str(val)
+        check_text_file(val, encoding, errors, what="validation file")
+        val_source = Source(lambda: iter_text(val, encoding, errors, what="validation file"), "validation")
+    return source, val_source, corpus_name
+
+
+def _model_config(o: dict, given: set) -> ModelConfig:
+    """The architecture the options ask for; the ESN's options and the others exclude each other."""
+    if o["cell"] == "esn":
+        wrong = sorted(_flag(p) for p in ("hidden", "layers", "embed", "dropout") if p in given)
+        if wrong:
+            raise CharlmError(f"{', '.join(wrong)} do not apply to --cell esn (one reservoir, no embedding); "
+                              f"set its size with --units")
+        return ModelConfig(cell="esn", embed=1, hidden=o["units"], layers=1, leak=o["leak"], sr=o["sr"],
+                           connectivity=o["connectivity"], input_scaling=o["input_scaling"],
+                           bias_scaling=o["bias_scaling"])
+    wrong = sorted(_flag(p) for p in _ESN_FLAGS if p in given)
+    if wrong:
+        raise CharlmError(f"{', '.join(wrong)} apply only to --cell esn")
+    return ModelConfig(cell=o["cell"], embed=o["embed"], hidden=o["hidden"], layers=o["layers"], dropout=o["dropout"])
+
+
+def _latest_of(path: str | os.PathLike) -> str:
+    """--resume takes a run directory (its latest checkpoint) or a checkpoint file."""
+    from . import checkpoint
+    p = Path(path)
+    if p.is_dir():
+        if (p / checkpoint.LATEST).is_file():
+            return str(p / checkpoint.LATEST)
+        raise CharlmError(f"no {checkpoint.LATEST} in {p}: nothing to resume")
+    if not p.exists():
+        raise CharlmError(f"nothing to resume: {p} does not exist")
+    latest = p.parent / checkpoint.LATEST
+    if p.name != checkpoint.LATEST and latest.is_file():
+        older, newer = checkpoint.load(p).step, checkpoint.load(latest).step
+        if older < newer:
+            raise CharlmError(f"resuming from {p} (step {older}) would overwrite {latest} (step {newer}); resume "
+                              f"the run directory {p.parent}, or start a new run from {p} with --init-from")
+    return str(p)
+
+
+def refuse_contradictions(given: set, values: dict, ck, flag: str) -> None:
+    """A given option (name in `given`, value in `values`) that disagrees with the checkpoint is an error."""
+    have = {**ck.model.to_dict(), **(ck.train.to_dict() if ck.train else {}),
+            "level": ck.vocab.level, "lower": ck.vocab.lower}
+    if ck.model.cell == "esn":
+        have["units"] = ck.model.hidden
+    for name in sorted(given):
+        if name in have and have[name] != values[name]:
+            opt = _flag(name)
+            raise CharlmError(f"{opt} {values[name]} contradicts the checkpoint ({opt} {have[name]}); {flag} takes the "
+                              f"architecture{', data and optimizer settings' if flag == '--resume' else ''} from the "
+                              f"checkpoint: drop {opt}")
+
+
+def run_dir_name(corpus_name: str, cell: str) -> Path:
+    """A new folder under models_dir(): <corpus stem>-<cell>-<time>, with -2, -3... if it exists."""
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(corpus_name).stem)[:40] or "corpus"
+    base = Path(models_dir()) / f"{stem}-{cell}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = Path(f"{base}-{i}")
+    return path
