@@ -1,17 +1,18 @@
-"""`charlm sample`, `charlm score` and `charlm eval`: use a trained model."""
+"""`charlm sample`, `charlm score` and `charlm eval`: use a trained model.
+
+Each command checks its flags, reads its input, loads the model (charlm.lm.api.load) and calls one
+LanguageModel method (stream, score_many, evaluate_text), then renders what it returns
+(charlm.cli.render_score): the library and the command line give the same numbers."""
 from __future__ import annotations
 
-import math
 import sys
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from ..errors import CharlmError
 
-from .common import PPL_HELP, THREADS_HELP, dumps, fail, load_model, limit_threads, out, err, show_token, warn
+from .common import PPL_HELP, THREADS_HELP, fail, warn
 
 
 def sample_cmd(
@@ -35,25 +36,33 @@ def sample_cmd(
             fail(f"--temp must be positive, got {temp}")
         if top_k < 0:
             fail(f"--top-k must be 0 (off) or positive, got {top_k}")
-        ck, m = load_model(model)
-        from ..lm.sample import generate
-        _, oov = ck.vocab.encode(prime)
-        if oov:
-            if ck.vocab.level == "word":
-                words = " ".join(sorted({w for _, w in oov}))
-                warn(f"{len(oov)} prime word(s) not in the model's vocabulary are fed as <unk>: {words}")
-            else:
-                chars = "".join(sorted({c for _, c in oov}))
-                warn(f"{len(oov)} prime character(s) not in the model's vocabulary were skipped: {chars!r}")
+        from ..lm.api import load
+        lm = load(model)
+        _warn_prime_oov(lm, prime)
         sys.stdout.write(prime)
-        for chunk in generate(m, ck.vocab, length, temperature=temp, prime=prime, seed=seed,
-                              top_k=top_k, greedy=greedy):
+        for chunk in lm.stream(prime, length, temperature=temp, seed=seed, top_k=top_k, greedy=greedy):
             sys.stdout.write(chunk)
             sys.stdout.flush()
         sys.stdout.write("\n")
     except CharlmError as e:
         fail(str(e))
 
+
+def _warn_prime_oov(lm, prime: str) -> None:
+    oov = lm.oov(prime)
+    if not oov:
+        return
+    if lm.level == "word":
+        words = " ".join(sorted(set(oov)))
+        warn(f"{len(oov)} prime word(s) not in the model's vocabulary are fed as <unk>: {words}")
+    else:
+        chars = "".join(sorted(set(oov)))
+        warn(f"{len(oov)} prime character(s) not in the model's vocabulary were skipped: {chars!r}")
+
+
+def _check_threads(threads: Optional[int]) -> None:
+    if threads is not None and threads <= 0:
+        fail(f"--threads must be positive, got {threads}")
 
 
 def score_cmd(
@@ -74,58 +83,37 @@ def score_cmd(
     A word outside the vocabulary contributes P(<unk> | history) and counts as OOV; a character outside it is
     left out of the product and counted as OOV.
     """
-    from ..data import read_text
-    from ..lm.score import corpus_total, score_text
+    from ..lm.api import load
+    from .render_score import print_score_json, print_score_tables
     try:
-        if text is not None and file is not None:
-            fail("give either TEXT or --file, not both")
-        if file is not None or text == "-":
-            raw = read_text(file if file is not None else "-", what="input")
-            texts = raw.split("\n")
-            if texts and texts[-1] == "":
-                texts.pop()
-            if not texts:
-                fail("no text to score: the input is empty")
-        elif text is not None:
-            texts = [text]
-        else:
-            fail("give a TEXT to score, '-' for standard input, or --file FILE")
-        ck, m = load_model(model)
-        with limit_threads(threads):
-            results = [score_text(m, ck.vocab, t, eos=not no_eos) for t in texts]
-        total = corpus_total(results)
+        texts = _texts_to_score(text, file)
+        _check_threads(threads)
+        lm = load(model, threads=threads)
+        result = lm.score_many(texts, eos=not no_eos, details=not as_json)
         if as_json:
-            strip = lambda r: {k: v for k, v in r.items() if k not in ("oov_tokens", "oov_logprob")}
-            if len(results) == 1:
-                print(dumps(strip(results[0]), ensure_ascii=False))
-            else:
-                print(dumps({"texts": [strip(r) for r in results], "total": total}, ensure_ascii=False))
-            return
-        word = ck.vocab.level == "word"
-        for i, (t, r) in enumerate(zip(texts, results)):
-            table = Table(title=f"text {i + 1}" if len(texts) > 1 else None)
-            table.add_column("token")
-            table.add_column("id", justify="right")
-            table.add_column("P(token | before)", justify="right")
-            table.add_column("ln P", justify="right")
-            table.add_column("log10 P", justify="right")
-            for tk in r["tokens"]:
-                tid = f"<unk>={tk['id']}" if tk["oov"] else str(tk["id"])
-                table.add_row(escape(show_token(tk["token"]) if not word else tk["token"]), tid,
-                              f"{tk['prob']:.6g}", f"{tk['logprob']:.4f}", f"{tk['logprob'] / math.log(10):.4f}")
-            out.print(table)
-            unit = "bits/token" if word else "bits/char"
-            out.print(f"Total (log10 P) = {r['log10prob']:.4f}   ln P = {r['logprob']:.4f}   OOV = {r['oov']}"
-                      + (f" ({escape(' '.join(r['oov_tokens']))!s})" if r["oov"] else "")
-                      + f"   {unit} = {r['bits_per_token']:.4f}   perplexity = {r['perplexity']:.4f}"
-                      + f"   tokens = {r['n_tokens']}")
-        if len(texts) > 1:
-            out.print(f"[bold]total[/] over {len(texts)} texts: log10 P = {total['log10prob']:.4f}   "
-                      f"ln P = {total['logprob']:.4f}   tokens = {total['n_tokens']}   OOV = {total['oov']}")
-            out.print(f"Perplexity including OOVs: {total['perplexity']:.4f}")
-            out.print(f"Perplexity excluding OOVs: {total['perplexity_excl_oov']:.4f}")
+            print_score_json(result)
+        else:
+            print_score_tables(result, word=lm.level == "word")
     except CharlmError as e:
         fail(str(e))
+
+
+def _texts_to_score(text: Optional[str], file: Optional[str]) -> list[str]:
+    """TEXT, or the lines of --file / standard input ('-')."""
+    from ..data import read_text
+    if text is not None and file is not None:
+        fail("give either TEXT or --file, not both")
+    if file is not None or text == "-":
+        raw = read_text(file if file is not None else "-", what="input")
+        texts = raw.split("\n")
+        if texts and texts[-1] == "":
+            texts.pop()
+        if not texts:
+            fail("no text to score: the input is empty")
+        return texts
+    if text is not None:
+        return [text]
+    fail("give a TEXT to score, '-' for standard input, or --file FILE")
 
 
 score_cmd.__doc__ = score_cmd.__doc__ + "\n\n" + PPL_HELP
@@ -149,37 +137,18 @@ def eval_cmd(
     models) scored from the begin context, the first input being <eos> (or a newline).
     """
     from ..data import read_text
-    from ..lm.score import evaluate_text
+    from ..lm.api import load
+    from .render_score import eval_progress, print_eval
     try:
         if streams <= 0:
             fail(f"--streams must be positive, got {streams}")
         text = read_text(file, encoding, errors, what="file")
-        if text and not text.endswith("\n"):
-            text += "\n"  # the last line ends with <eos> too, newline or not
-        ck, m = load_model(model)
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-        with limit_threads(threads), Progress(
-                TextColumn("[bold]eval[/]"), BarColumn(), TaskProgressColumn(),
-                TextColumn("{task.fields[count]} tokens"), TimeRemainingColumn(),
-                console=err, transient=True, disable=as_json) as progress:
-            task = progress.add_task("eval", total=None, count="-")  # total unknown until the text is encoded
-            r = evaluate_text(m, ck.vocab, text, streams=streams,
-                              progress=lambda d, n: progress.update(task, completed=d, total=n,
-                                                                    count=f"{d:,}/{n:,}"))
-        if r["n_tokens"] == 0:  # not a perfect perplexity of 1
-            fail(f"nothing to evaluate: {file} is empty" + (f" but for {r['oov']} characters outside the model's "
-                                                           f"vocabulary" if r["oov"] else ""))
-        if as_json:
-            print(dumps({k: r[k] for k in ("n_tokens", "logprob", "perplexity", "perplexity_excl_oov",
-                                                 "bits_per_token", "oov")}))
-            return
-        word = ck.vocab.level == "word"
-        out.print(f"tokens = {r['n_tokens']:,}   ln P = {r['logprob']:.2f}   OOV = {r['oov']:,}   streams = {r['streams']}")
-        if word:
-            out.print(f"perplexity = {r['perplexity']:.3f}   perplexity excluding OOVs = {r['perplexity_excl_oov']:.3f}"
-                      f"   bits/token = {r['bits_per_token']:.4f}")
-        else:
-            out.print(f"bits/char = {r['bits_per_token']:.4f}   perplexity = {r['perplexity']:.4f}")
+        _check_threads(threads)
+        lm = load(model, threads=threads)
+        bar, advance = eval_progress(disable=as_json)
+        with bar:
+            r = lm.evaluate_text(text, streams, progress=advance, details=not as_json, source=file)
+        print_eval(r, word=lm.level == "word", as_json=as_json)
     except CharlmError as e:
         fail(str(e))
 
