@@ -20,11 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from charlm.lm.model import compute_threads  # noqa: E402
-from charlm.runtime import compute_threads
 from charlm.qa.babi import parse_tasks  # noqa: E402
 from charlm.qa.model import QAConfig  # noqa: E402
 from charlm.qa.train import FAIL_PCT, REFERENCE, REFERENCE_MEAN, QATrainConfig, suite  # noqa: E402
+from charlm.runtime import compute_threads  # noqa: E402
 
 
 def main() -> None:

@@ -96,7 +96,8 @@ def train_cmd(
     """
     from ..runtime import gc_on
     gc_on()  # a long run: the cyclic collector back on (off for start-up)
-    from .common import limit_threads, run_dir_name, StopFlag, err, fail, out
+    from .common import limit_threads, StopFlag, err, fail, out
+    from ..lm.run import run_dir_name
     from ..qa import babi
     from ..qa.train import train
     try:
@@ -169,7 +170,8 @@ def eval_cmd(
     from .common import dumps, fail, out
     from ..qa import babi
     from ..qa.checkpoint import load
-    from ..qa.train import QAModel, evaluate
+    from ..qa.model import QAModel
+    from ..qa.train import evaluate
     try:
         if not model:
             raise CharlmError("give the model to evaluate: --model FILE_OR_FOLDER")
@@ -212,7 +214,8 @@ def ask_cmd(
     from .common import dumps, fail, out
     from ..qa import babi
     from ..qa.checkpoint import load
-    from ..qa.train import QAModel, ask
+    from ..qa.model import QAModel
+    from ..qa.train import ask
     try:
         if not model:
             raise CharlmError("give the model to ask: --model FILE_OR_FOLDER")
@@ -287,79 +290,24 @@ def babi_cmd(
     """
     from ..runtime import gc_on
     gc_on()  # a long run: the cyclic collector back on (off for start-up)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.table import Table
-
-    from .common import StopFlag, dumps, limit_threads, err, fail, out
+    from .common import StopFlag, dumps, limit_threads, fail, out
     from ..qa import babi
     from ..qa.train import REFERENCE_MEAN, suite
     try:
-        encoders = [e.strip() for e in encoder.split(",")]
-        try:
-            run_counts = [int(r) for r in runs.split(",")]
-        except ValueError:
-            raise CharlmError(f"--runs must be a whole number or one per encoder separated by commas, got {runs!r}") from None
-        if len(run_counts) == 1:
-            run_counts *= len(encoders)
-        if len(run_counts) != len(encoders) or len(set(encoders)) != len(encoders):
-            raise CharlmError(f"--runs {runs} does not match --encoder {encoder}: give one number, or one per "
-                              f"(distinct) encoder")
-        try:
-            hop_counts = list(dict.fromkeys(int(h) for h in hops.split(",")))
-        except ValueError:
-            raise CharlmError(f"--hops must be a whole number or several separated by commas, got {hops!r}") from None
-        choices = [(e, r, h) for h in hop_counts for e, r in zip(encoders, run_counts)]
+        choices = _babi_choices(encoder, runs, hops)
         for e, r, h in choices:  # each choice validated up front
             cfg, tcfg = _configs(e, dim, h, memory_size, epochs, minutes, batch, lr, optimizer, clip,
                                  anneal_every, val_frac, linear_start, noise, supervise_facts, r, seed,
                                  relative, mlp, repeat_last_fact)
         task_list = babi.parse_tasks(tasks)
-        summary = None
         with StopFlag() as stop, limit_threads(threads):
             events = suite(folder, task_list, cfg, tcfg, out_dir, should_stop=stop, choices=choices)
-            if as_json:
-                for ev in events:
-                    if ev["event"] == "suite":
-                        summary = ev
-            else:
-                with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tasks"),
-                              TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                              console=err) as prog:
-                    bar = prog.add_task("bAbI", total=len(task_list), info="")
-                    for ev in events:
-                        if ev["event"] == "task_start":
-                            prog.update(bar, description=f"task {ev['task']} {ev['name']}", info="")
-                        elif ev["event"] == "epoch":
-                            prog.update(bar, info=f"epoch {ev['epoch']} val acc {100 * ev['val_acc']:.1f}%")
-                        elif ev["event"] == "task":
-                            prog.update(bar, advance=1, info=f"test error {ev['test_error_pct']:.1f}%")
-                        elif ev["event"] == "suite":
-                            summary = ev
+            summary = _follow_suite(events, as_json, len(task_list))
         ref = {k: {"mean_error_pct": v[0], "failed": v[1]} for k, v in REFERENCE_MEAN.items()}
         if as_json:
             print(dumps({**summary, "reference": ref}))
             return
-        sup = "strongly supervised (--supervise-facts)" if tcfg.supervise_facts else "weakly supervised"
-        several = len(choices) > 1
-        t = Table(title=f"bAbI test error % (1k training) - charlm {summary['encoder']}, {sup}")
-        cols = ("task", "name", "charlm") + (("encoder",) if several else ()) + (
-            "LSTM", "MemNN (strong)", "MemN2N (weak)", "seconds")
-        for c in cols:
-            t.add_column(c, justify="left" if c in ("name", "encoder") else "right")
-        for r in summary["tasks"]:
-            e = r["test_error_pct"]
-            mark = " ✗" if e > 5 else ""
-            kept = r["encoder"] + (f", {r['hops']} hops" if len(hop_counts) > 1 else "")
-            t.add_row(str(r["task"]), r["name"], f"{e:.1f}{mark}", *((kept,) if several else ()),
-                      *(f"{r[k]:g}" if r[k] is not None else "-" for k in ("ref_lstm", "ref_memnn", "ref_memn2n")),
-                      f"{r['seconds']:.0f}")
-        t.add_section()
-        pad = ("",) if several else ()
-        t.add_row("mean", "", f"{summary['mean_error_pct']:.1f}", *pad, *(f"{ref[k]['mean_error_pct']:g}" for k in
-                  ("lstm", "memnn", "memn2n")), f"{summary['seconds']:.0f}")
-        t.add_row("failed (> 5 %)", "", str(summary["failed"]), *pad, *(str(ref[k]["failed"]) for k in
-                  ("lstm", "memnn", "memn2n")), "")
-        out.print(t)
+        out.print(_suite_table(summary, ref, choices, tcfg.supervise_facts))
         if summary["n_tasks"] == 20:
             out.print("Reference means are over all 20 tasks (Sukhbaatar et al. 2015, Table 1).")
         else:
@@ -369,3 +317,75 @@ def babi_cmd(
     except CharlmError as e:
         fail(str(e))
 
+
+def _babi_choices(encoder: str, runs: str, hops: str) -> list[tuple[str, int, int]]:
+    """The (encoder, runs, hops) models each task trains, from the comma-separated options."""
+    encoders = [e.strip() for e in encoder.split(",")]
+    try:
+        run_counts = [int(r) for r in runs.split(",")]
+    except ValueError:
+        raise CharlmError(f"--runs must be a whole number or one per encoder separated by commas, got {runs!r}") from None
+    if len(run_counts) == 1:
+        run_counts *= len(encoders)
+    if len(run_counts) != len(encoders) or len(set(encoders)) != len(encoders):
+        raise CharlmError(f"--runs {runs} does not match --encoder {encoder}: give one number, or one per "
+                          f"(distinct) encoder")
+    try:
+        hop_counts = list(dict.fromkeys(int(h) for h in hops.split(",")))
+    except ValueError:
+        raise CharlmError(f"--hops must be a whole number or several separated by commas, got {hops!r}") from None
+    return [(e, r, h) for h in hop_counts for e, r in zip(encoders, run_counts)]
+
+
+def _follow_suite(events, as_json: bool, n_tasks: int) -> dict:
+    """Run the suite's events to the end (a progress bar on stderr unless as_json); its summary."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .common import err
+    summary = None
+    if as_json:
+        for ev in events:
+            if ev["event"] == "suite":
+                summary = ev
+        return summary
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tasks"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=err) as prog:
+        bar = prog.add_task("bAbI", total=n_tasks, info="")
+        for ev in events:
+            if ev["event"] == "task_start":
+                prog.update(bar, description=f"task {ev['task']} {ev['name']}", info="")
+            elif ev["event"] == "epoch":
+                prog.update(bar, info=f"epoch {ev['epoch']} val acc {100 * ev['val_acc']:.1f}%")
+            elif ev["event"] == "task":
+                prog.update(bar, advance=1, info=f"test error {ev['test_error_pct']:.1f}%")
+            elif ev["event"] == "suite":
+                summary = ev
+    return summary
+
+
+def _suite_table(summary: dict, ref: dict, choices: list[tuple[str, int, int]], supervise_facts: bool):
+    """The test error % per task beside the published numbers, the mean and the tasks failed."""
+    from rich.table import Table
+    sup = "strongly supervised (--supervise-facts)" if supervise_facts else "weakly supervised"
+    several = len(choices) > 1
+    several_hops = len({h for _, _, h in choices}) > 1
+    t = Table(title=f"bAbI test error % (1k training) - charlm {summary['encoder']}, {sup}")
+    cols = ("task", "name", "charlm") + (("encoder",) if several else ()) + (
+        "LSTM", "MemNN (strong)", "MemN2N (weak)", "seconds")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("name", "encoder") else "right")
+    for r in summary["tasks"]:
+        e = r["test_error_pct"]
+        mark = " ✗" if e > 5 else ""
+        kept = r["encoder"] + (f", {r['hops']} hops" if several_hops else "")
+        t.add_row(str(r["task"]), r["name"], f"{e:.1f}{mark}", *((kept,) if several else ()),
+                  *(f"{r[k]:g}" if r[k] is not None else "-" for k in ("ref_lstm", "ref_memnn", "ref_memn2n")),
+                  f"{r['seconds']:.0f}")
+    t.add_section()
+    pad = ("",) if several else ()
+    t.add_row("mean", "", f"{summary['mean_error_pct']:.1f}", *pad, *(f"{ref[k]['mean_error_pct']:g}" for k in
+              ("lstm", "memnn", "memn2n")), f"{summary['seconds']:.0f}")
+    t.add_row("failed (> 5 %)", "", str(summary["failed"]), *pad, *(str(ref[k]["failed"]) for k in
+              ("lstm", "memnn", "memn2n")), "")
+    return t

@@ -14,16 +14,11 @@ C_k = emb{k}, the question uses B = emb0):
     gru{k}f.* / gru{k}b.*   (gru, bigru) forward / backward GRU per embedding k:
              Wih (3H, d), Whh (3H, H), bih, bhh (3H,), gate order [r, z, n]
 
-Sentence encoders, a sentence x_1..x_L -> R^d from embedding E:
-
-    bow    sum_j E[x_j]
-    pe     sum_j l_j * E[x_j],  l_kj = (1 - j/L) - (k/d)(1 - 2j/L)    (position encoding)
-    gru    pe + the last state of a GRU (H = d) run over E[x_1..x_L]
-    bigru  pe + [forward GRU state after x_L ; backward GRU state after x_1]  (H = d/2 each),
-           the backward GRU reading the sentence reversed within its own length
-
-The GRUs are charlm's Numba kernels (charlm.kernels.gru); the PE term is a residual
-path beside them. Memories add the temporal vector of their age: m_i = enc_{k}(s_i) + time{k}[age_i].
+Sentence encoders (charlm.qa.encoders, which gives their formulas) map a sentence x_1..x_L to
+enc_k(x) in R^d through embedding k: bow (sum of the embeddings), pe (position encoding), gru and
+bigru (pe plus the last state of one GRU, or of a forward and a backward GRU, over the sentence).
+Memories add the temporal vector of their age: m_i = enc_{k}(s_i) + time{k}[age_i]. Questions as
+index arrays and batches: charlm.qa.batches.
 
 Story selection (hop k = 1..K), u_1 = enc_0(question):
 
@@ -54,9 +49,9 @@ import numpy as np
 
 from ..errors import CharlmError
 from ..kernels.layers import embedding_backward
-from ..kernels.gru import gru_backward, gru_forward
+from .batches import encode, make_batch
+from .encoders import ENCODERS, encoder_backward, encoder_forward, word_weights
 
-ENCODERS = ("bow", "pe", "gru", "bigru")
 NEG = -1e30  # score of an empty memory slot before the softmax
 
 
@@ -161,191 +156,6 @@ def check_params(cfg: QAConfig, params: dict[str, np.ndarray]) -> None:
             raise CharlmError(f"parameter {n} has shape {params[n].shape}, expected {s}")
 
 
-# ------------------------------------------------------------------ data as arrays
-@dataclass
-class Encoded:
-    """Questions as padded index arrays. Q questions, M slots (oldest first, the valid
-    ones 0..n_mem-1), J words per sentence, Jq per question, F supporting facts."""
-    mem: np.ndarray       # (Q, M, J) word ids, 0 = padding
-    mem_len: np.ndarray   # (Q, M) words per memory
-    n_mem: np.ndarray     # (Q,) memories in use
-    q: np.ndarray         # (Q, Jq) question word ids
-    q_len: np.ndarray     # (Q,)
-    ans: np.ndarray       # (Q,) answer class, -1 when the answer is not a known class
-    sup: np.ndarray       # (Q, F) supporting facts as slots, in the task's order; -1 none / forgotten
-    n_sup: np.ndarray     # (Q,) supporting facts given
-    ans_words: np.ndarray  # (A, V) how often each word occurs in each answer class
-    unknown_words: int = 0
-
-    def __len__(self):
-        return self.ans.shape[0]
-
-
-def encode(questions, vocab: list[str], answers: list[str], memory_size: int) -> Encoded:
-    """Index arrays for questions (charlm.qa.babi.Question). Words outside vocab become
-    padding (counted in unknown_words); each question keeps its memory_size newest statements."""
-    widx = {w: i for i, w in enumerate(vocab)}
-    aidx = {a: i for i, a in enumerate(answers)}
-    Q = len(questions)
-    M = max(1, min(memory_size, max(len(q.story) for q in questions)))
-    J = max(1, max(len(s) for q in questions for s in q.story[-M:]))
-    Jq = max(len(q.question) for q in questions)
-    F = max(1, max(len(q.support) for q in questions))
-    e = Encoded(mem=np.zeros((Q, M, J), np.int32), mem_len=np.zeros((Q, M), np.int32),
-                n_mem=np.zeros(Q, np.int32), q=np.zeros((Q, Jq), np.int32), q_len=np.zeros(Q, np.int32),
-                ans=np.full(Q, -1, np.int32), sup=np.full((Q, F), -1, np.int32), n_sup=np.zeros(Q, np.int32),
-                ans_words=answer_word_matrix(vocab, answers))
-    unknown = 0
-    for i, qu in enumerate(questions):
-        story = qu.story[-M:]
-        first = len(qu.story) - len(story)
-        e.n_mem[i] = len(story)
-        for m, sent in enumerate(story):
-            ids = [widx.get(w, 0) for w in sent]
-            unknown += ids.count(0)
-            e.mem[i, m, :len(ids)] = ids
-            e.mem_len[i, m] = len(ids)
-        ids = [widx.get(w, 0) for w in qu.question]
-        unknown += ids.count(0)
-        e.q[i, :len(ids)] = ids
-        e.q_len[i] = len(ids)
-        e.ans[i] = aidx.get(qu.answer, -1)
-        e.n_sup[i] = len(qu.support)
-        for f, s in enumerate(qu.support):
-            e.sup[i, f] = s - first if s >= first else -1
-    e.unknown_words = unknown
-    return e
-
-
-def answer_word_matrix(vocab: list[str], answers: list[str]) -> np.ndarray:
-    """(A, V) counts of the words of each answer class ('n,w' -> n and w); words outside vocab are left out."""
-    from .babi import answer_words
-    widx = {w: i for i, w in enumerate(vocab)}
-    P = np.zeros((len(answers), len(vocab)))
-    for a, ans in enumerate(answers):
-        for w in answer_words(ans):
-            if w in widx:
-                P[a, widx[w]] += 1.0
-    return P
-
-
-def make_batch(e: Encoded, idx: np.ndarray, hops: int, memory_size: int,
-               rng: np.random.Generator | None = None, noise: float = 0.0, repeat_last: bool = False) -> dict:
-    """The arrays of questions idx, trimmed to the longest story and sentence in them.
-
-    age (N, M): 0 for the newest memory. With noise > 0 (training: random noise),
-    an empty memory is inserted after each memory with probability `noise`, so
-    later ages grow by one each (capped at memory_size - 1).
-    target (N, K): the slot hop k should attend to (fact supervision): the k-th supporting
-    fact in the task's order; -1 (unsupervised) for hops past the last fact or a fact that
-    fell out of the memory window. repeat_last: hops past the last fact are supervised towards
-    the last fact again (so every hop of a question with facts is supervised).
-    """
-    n_mem = e.n_mem[idx]
-    M = int(n_mem.max())
-    mem_len = e.mem_len[idx, :M]
-    J = max(1, int(mem_len.max()))
-    Jq = max(1, int(e.q_len[idx].max()))
-    slot = np.arange(M)[None, :]
-    mask = slot < n_mem[:, None]                                # (N, M)
-    age = (n_mem[:, None] - 1 - slot)
-    if noise > 0 and rng is not None:
-        ins = (rng.random(mask.shape) < noise) & mask
-        newer = np.cumsum(ins[:, ::-1], axis=1)[:, ::-1] - ins   # inserted among newer memories
-        age = age + newer
-    age = np.clip(np.where(mask, age, 0), 0, memory_size - 1).astype(np.int64)
-    nsup = e.n_sup[idx]
-    k = np.arange(hops)[None, :]
-    pick = np.minimum(k, np.maximum(nsup[:, None] - 1, 0))      # hop k -> fact k
-    target = np.take_along_axis(e.sup[idx], pick, axis=1)
-    if not repeat_last:
-        target = np.where(k < nsup[:, None], target, -1)       # hops past the last fact: free
-    return dict(mem=np.ascontiguousarray(e.mem[idx, :M, :J]), mem_len=np.ascontiguousarray(mem_len),
-                mask=mask, age=age, q=np.ascontiguousarray(e.q[idx, :Jq]), q_len=e.q_len[idx].copy(),
-                ans=e.ans[idx].copy(), target=np.ascontiguousarray(target), ans_words=e.ans_words)
-
-
-# ------------------------------------------------------------------ sentence encoders
-def word_weights(lens: np.ndarray, J: int, d: int, encoder: str, dtype) -> np.ndarray:
-    """Per-word weights (S, J, d) for the bag: position encoding, or ones for bow
-    ((S, J, 1)); zero past each sentence's length."""
-    j = np.arange(1, J + 1, dtype=np.float64)[None, :, None]
-    L = np.maximum(lens, 1).astype(np.float64)[:, None, None]
-    valid = j <= lens[:, None, None]
-    if encoder == "bow":
-        return valid.astype(dtype)
-    kd = np.arange(1, d + 1, dtype=np.float64)[None, None, :] / d
-    w = (1.0 - j / L) - kd * (1.0 - 2.0 * j / L)
-    return (w * valid).astype(dtype)
-
-
-def reverse_ids(ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Each row of ids (S, J) reversed within its own length; padding stays at the end."""
-    J = ids.shape[1]
-    t = np.arange(J)[None, :]
-    src = lens[:, None] - 1 - t                             # (S, J)
-    ok = src >= 0
-    out = np.take_along_axis(ids, np.where(ok, src, 0), axis=1)
-    return np.where(ok, out, 0).astype(ids.dtype)
-
-
-def _gru_run(params, prefix, xt):
-    """GRU over xt (J, S, d) from h0 = 0; returns hs (J+1, S, H), acts."""
-    Wih = params[prefix + ".Wih"]
-    J, S, _ = xt.shape
-    H = Wih.shape[0] // 3
-    hs = np.zeros((J + 1, S, H), xt.dtype)
-    acts = np.empty((J, S, 4 * H), xt.dtype)
-    cs = np.zeros((1, 1, 1), xt.dtype)
-    gru_forward(hs, cs, acts, xt, Wih, params[prefix + ".Whh"], params[prefix + ".bih"],
-                params[prefix + ".bhh"], 1)
-    return hs, acts
-
-
-def encoder_forward(params, cfg: QAConfig, k: int, ids: np.ndarray, lens: np.ndarray, w: np.ndarray):
-    """Encode sentences ids (S, J) with lengths lens (S,) through embedding k; w the word
-    weights (word_weights). Returns out (S, d) and the cache for encoder_backward."""
-    E = params[f"emb{k}"]
-    x = E[ids]                                              # (S, J, d)
-    out = (x * w).sum(1)                                    # (S, d) the weighted bag
-    cache = {"ids": ids, "lens": lens, "w": w, "runs": []}
-    if cfg.directions:
-        S = ids.shape[0]
-        rows = np.arange(S)
-        H = cfg.gru_hidden
-        for r, col in zip(cfg.directions, range(0, cfg.dim, H)):
-            rid = ids if r == "f" else reverse_ids(ids, lens)
-            xt = np.ascontiguousarray(E[rid].transpose(1, 0, 2))   # (J, S, d)
-            hs, acts = _gru_run(params, f"gru{k}{r}", xt)
-            out[:, col:col + H] += hs[lens, rows]          # state after each sentence's last word
-            cache["runs"].append((r, col, rid, xt, hs, acts))
-    return out, cache
-
-
-def encoder_backward(grads, params, cfg: QAConfig, k: int, dout: np.ndarray, cache) -> None:
-    """ADDS the gradients of encoder_forward's out (dout (S, d)) into grads[emb{k}] and the GRUs'."""
-    ids, lens, w = cache["ids"], cache["lens"], cache["w"]
-    S, J = ids.shape
-    d = dout.shape[1]
-    dE = grads[f"emb{k}"]
-    embedding_backward(dE, np.ascontiguousarray((dout[:, None, :] * w).reshape(S * J, d)), ids.reshape(-1))
-    H = cfg.gru_hidden
-    has = lens > 0
-    rows = np.arange(S)[has]
-    for r, col, rid, xt, hs, acts in cache["runs"]:
-        p = f"gru{k}{r}"
-        dhs = np.zeros((J, S, H), dout.dtype)
-        dhs[lens[has] - 1, rows] = dout[has, col:col + H]
-        dx = np.zeros_like(xt)
-        dh0 = np.zeros((S, H), dout.dtype)
-        dacts = np.empty((J, S, 3 * H), dout.dtype)
-        dacts_h = np.empty((J, S, 3 * H), dout.dtype)
-        gru_backward(dx, grads[p + ".Wih"], grads[p + ".Whh"], grads[p + ".bih"], grads[p + ".bhh"], dh0,
-                     dh0, dacts, dacts_h, dhs, hs, np.zeros((1, 1, 1), dout.dtype), acts, xt,
-                     params[p + ".Wih"], params[p + ".Whh"], 1)
-        embedding_backward(dE, np.ascontiguousarray(dx.transpose(1, 0, 2)).reshape(S * J, d), rid.reshape(-1))
-
-
 # ------------------------------------------------------------------ attention and answer layers
 def masked_softmax(s: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Softmax of s (N, M) over the True entries of mask in each row; 0 elsewhere."""
@@ -412,7 +222,6 @@ def answer_matrix(params, cfg: QAConfig, ans_words: np.ndarray) -> np.ndarray:
     answer's words (the paper's tying W^T = C_K, extended to multi-word answer classes)."""
     E = params[f"emb{cfg.hops}"]
     return params["W"] + ans_words.astype(E.dtype) @ E
-
 
 
 def relative_age(cfg: QAConfig, b: dict, p_prev: np.ndarray) -> np.ndarray:
@@ -527,3 +336,31 @@ def loss_and_grads(params, cfg: QAConfig, b: dict, linear: bool = False, supervi
     for k in range(cfg.hops + 1):
         grads[f"emb{k}"][0] = 0.0                          # the padding word stays at zero
     return loss, grads, logits, c["ps"]
+
+
+# ------------------------------------------------------------------ a trained network
+class QAModel:
+    """A trained network with its vocabulary: predict and explain. ck is a
+    charlm.qa.checkpoint.QACheckpoint (config, params, vocab, answers)."""
+
+    def __init__(self, ck):
+        self.ck = ck
+        self.cfg, self.params, self.vocab, self.answers = ck.config, ck.params, ck.vocab, ck.answers
+
+    def encode(self, questions):
+        return encode(questions, self.vocab, self.answers, self.cfg.memory_size)
+
+    def predict(self, enc, batch: int = 256):
+        """Answer probabilities (Q, A) and attention per hop, list of K (Q, M) over the slots
+        of enc (oldest first)."""
+        probs, attn = [], []
+        for i0 in range(0, len(enc), batch):
+            idx = np.arange(i0, min(len(enc), i0 + batch))
+            b = make_batch(enc, idx, self.cfg.hops, self.cfg.memory_size)
+            _, _, logits, ps = loss_and_grads(self.params, self.cfg, b, need_grads=False)
+            z = logits - logits.max(1, keepdims=True)
+            e = np.exp(z.astype(np.float64))
+            probs.append(e / e.sum(1, keepdims=True))
+            M = enc.mem.shape[1]
+            attn.append([np.pad(p.astype(np.float64), ((0, 0), (0, M - p.shape[1]))) for p in ps])
+        return np.concatenate(probs), [np.concatenate([a[h] for a in attn]) for h in range(self.cfg.hops)]

@@ -12,8 +12,9 @@ import numpy as np
 from ..errors import CharlmError
 from ..optim import clip_scale, grad_norm, make_optimizer
 from . import babi
+from .batches import encode, make_batch
 from .checkpoint import BEST, QACheckpoint, save
-from .model import QAConfig, encode, init_params, loss_and_grads, make_batch
+from .model import QAConfig, QAModel, init_params, loss_and_grads
 
 
 @dataclass(frozen=True)
@@ -58,32 +59,6 @@ class QATrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class QAModel:
-    """A trained network with its vocabulary: predict and explain."""
-
-    def __init__(self, ck: QACheckpoint):
-        self.ck = ck
-        self.cfg, self.params, self.vocab, self.answers = ck.config, ck.params, ck.vocab, ck.answers
-
-    def encode(self, questions):
-        return encode(questions, self.vocab, self.answers, self.cfg.memory_size)
-
-    def predict(self, enc, batch: int = 256):
-        """Answer probabilities (Q, A) and attention per hop, list of K (Q, M) over the slots
-        of enc (oldest first)."""
-        probs, attn = [], []
-        for i0 in range(0, len(enc), batch):
-            idx = np.arange(i0, min(len(enc), i0 + batch))
-            b = make_batch(enc, idx, self.cfg.hops, self.cfg.memory_size)
-            _, _, logits, ps = loss_and_grads(self.params, self.cfg, b, need_grads=False)
-            z = logits - logits.max(1, keepdims=True)
-            e = np.exp(z.astype(np.float64))
-            probs.append(e / e.sum(1, keepdims=True))
-            M = enc.mem.shape[1]
-            attn.append([np.pad(p.astype(np.float64), ((0, 0), (0, M - p.shape[1]))) for p in ps])
-        return np.concatenate(probs), [np.concatenate([a[h] for a in attn]) for h in range(self.cfg.hops)]
 
 
 def _accuracy(params, cfg, enc, linear, batch=256) -> tuple[float, float]:
