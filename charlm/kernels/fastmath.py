@@ -84,8 +84,9 @@ def _act_sigmoid(x):
 # reduction x = k ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor polynomial for e^r, and 2^k
 # built from its exponent bits in an int32 buffer viewed as float32. Arguments below -87
 # give exp(-87) ~ 1.6e-38 (absolute error under 2e-38). Max relative error 2.5e-7 (bounded
-# in tests/test_kernels.py). Vectorises, which np.exp does not in this Numba build: the
-# softmax of a training step went from 0.46 to 0.20 ms for 2048 x 65.
+# in tests/test_kernels.py). Written because it vectorises, which np.exp does not in this
+# Numba build, and the softmax over V of every position is a visible part of a training step
+# (see BENCHMARKS.md).
 _E = dict(log2e=np.float32(1.4426950408889634), magic=np.float32(12582912.0),  # 1.5 * 2**23
           ln2hi=np.float32(0.693359375), ln2lo=np.float32(-2.12194440e-4), lo=np.float32(-87.0),
           c=tuple(np.float32(1.0 / f) for f in (2.0, 6.0, 24.0, 120.0, 720.0)), one=np.float32(1.0))

@@ -29,8 +29,8 @@ def lstm_cell(hout, cout, a, c, H, j0, j1):
 
     Each row is handled through four 1-D gate views and 0-based loops: indexing
     a[n, H + j] and writing back into the same array made LLVM give up on
-    vectorising (it cannot rule out overlap at an unknown distance), which cost
-    15 ns per unit instead of 1 (measured for N 16, H 256).
+    vectorising (it cannot rule out overlap at an unknown distance), which made
+    the activations an order of magnitude slower per unit (see BENCHMARKS.md).
     """
     N = a.shape[0]
     w = j1 - j0
@@ -95,9 +95,10 @@ def _lstm_recur_by_units(hs, cs, acts, Whh, bias, nc):
     """The recurrence of lstm_forward split by hidden units into nc parts (see
     above), with a barrier at the end of every step. The product is W h^T with
     h^T kept as its own contiguous (H, N) copy (double-buffered by step parity:
-    a part writes step t + 1's units while another may still read step t's):
-    44 us instead of 66 for h W^T (N 32, H 256, two threads), and 36 in row
-    blocks (small_rows)."""
+    a part writes step t + 1's units while another may still read step t's).
+    W h^T with the part's packed rows contiguous is a quicker product than h W^T
+    over strided columns, and quicker again in row blocks (small_rows); see
+    BENCHMARKS.md."""
     T, N, _ = acts.shape
     H = hs.shape[2]
     Wp = pack_unit_rows(Whh, nc)
@@ -202,9 +203,10 @@ def _lstm_backrecur_by_units(dh0, dc0, dacts, dhs, cs, acts, Whh, nc):
     only: a partial sum over all H units, (W_hh rows)^T da^T of shape (H, N).
     After the barrier that ends the step, each part adds the nc partials for its
     own units. Splitting the sum (K) rather than the output keeps every operand
-    of the product the part's own and runs faster here (47 us against 55 for
-    N 32, H 256). Partials are double-buffered by step parity: a part may start
-    writing step t's while another still reads step t + 1's."""
+    of the product the part's own (no thread reads another's da), which measured
+    faster than splitting the output (see BENCHMARKS.md). Partials are
+    double-buffered by step parity: a part may start writing step t's while
+    another still reads step t + 1's."""
     T, N, G4 = dacts.shape
     H = G4 // 4
     WrT = _pack_unit_rows_t(Whh, nc)

@@ -38,14 +38,14 @@ def n_parts(parts, n):
 # With several threads, each step's recurrent product is split by hidden units
 # rather than by batch rows: thread c owns units [j0, j1) of every gate, so it
 # multiplies all N rows by its 4(j1 - j0) rows of W_hh. For N 32, H 256 on two
-# threads that is a 32x256 by 256x512 product per thread (66 us as h W^T)
-# instead of 16x256 by 256x1024 (94 us): thin products run far below BLAS's
-# large-matrix speed. The price is a barrier per step (the next step needs all
-# of h): one prange per step, 1-2 us with the OpenMP layer. The gate activations
-# are split the same way, so they stay on the thread that computed their inputs.
-# The same code with one part is also the fastest single-threaded loop (W h^T in
-# row blocks: 7.9 ms against 10.8 for the plain loop's h W^T, H 256, forward);
-# the plain loops remain for fewer than 16 units and as the tests' reference.
+# threads that is a 32x256 by 256x512 product per thread instead of 16x256 by
+# 256x1024: splitting the batch makes the products thinner, and thin products run
+# far below BLAS's large-matrix speed. The price is a barrier per step (the next
+# step needs all of h): one prange per step, small against the product. The gate
+# activations are split the same way, so they stay on the thread that computed
+# their inputs. The same code with one part is also the fastest single-threaded
+# loop (W h^T in row blocks beats the plain loop's h W^T); the plain loops remain
+# for fewer than 16 units and as the tests' reference. Timings: BENCHMARKS.md.
 
 @njit(**JIT)
 def unit_parts(parts, H):
@@ -73,8 +73,9 @@ def pack_unit_rows(Whh, nc):
 @njit(**JIT)
 def transpose_into(out, a):
     """out (n, m) = a.T for a (m, n). Full 16 x 16 tiles go through views with
-    constant bounds, which LLVM turns into vector shuffles (3 us for 512 x 32,
-    against 9 for plain loops, tiled or not); the edges element by element."""
+    constant bounds, which LLVM turns into vector shuffles (several times quicker
+    than plain loops, tiled or not, whose variable bounds it does not vectorise;
+    see BENCHMARKS.md); the edges element by element."""
     m, n = a.shape
     m16, n16 = m - m % 16, n - n % 16
     for i0 in range(0, m16, 16):
@@ -94,9 +95,10 @@ def small_rows(M, K, N):
     """Rows per call when a per-step product (M x K) @ (K x N) is cut into row
     blocks: the largest power of two from 16 with rows K N <= 1e6, or M (no cut).
     OpenBLAS computes products up to that size with its small-matrix kernels,
-    without packing the operands first; at these sizes that is faster than one
-    packed product (forward, N 32, H 256: 36 us in blocks of 64 rows against
-    44; backward 37 against 46), while a block just over the limit is slower."""
+    without packing the operands first; at the per-step sizes of a recurrent
+    layer, several unpacked blocks are quicker than one packed product (forward
+    and backward; see BENCHMARKS.md), while a block just over the limit pays
+    for packing and is slower."""
     r = 16
     if r * K * N > 1_000_000:
         return M

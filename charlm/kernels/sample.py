@@ -71,7 +71,8 @@ def pack(params: dict, layers: int, dtype=None, parts: int = 1) -> tuple:
 # reads one row per token instead of the E x 4H input weights (a 2x256 character LSTM:
 # 0.13 MB of the 1.66 MB each of two threads streams per token). Computed by _matvec_t,
 # so every value is bit for bit the per-token product's. Build cost V E 4H multiply-adds,
-# kept to about 20 ms; a word model's vocabulary skips it.
+# capped at TABLE_MAX_MACS so building it stays a small part of a short `charlm sample`;
+# a word model's vocabulary is over the cap and skips it.
 TABLE_MAX_MACS = 32_000_000
 
 
@@ -205,7 +206,7 @@ def stack_sample(out, hs, cs, prime, uniforms, cell, emb, WihT0, WihT_rest, WhhT
     for k in range(K):
         if nv > 1:
             _decode(logits, hb[cur, L - 1], WoutT, bout, nv)
-        else:  # a small vocabulary: not worth a parallel launch (about 2 us)
+        else:  # a small vocabulary: a parallel launch would cost more than the product
             _decode_range(logits, hb[cur, L - 1], WoutT, bout, 0, V)
         tok = draw_token(logits, temperature, top_k, greedy, uniforms[k], scratch)
         out[k] = tok
