@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from charlm.config import ModelConfig  # noqa: E402
 from charlm.kernels import layers  # noqa: E402
-from charlm.lm.model import _CELL_KERNELS, Model, compute_threads  # noqa: E402
+from charlm.lm.model import _CELL_KERNELS, Model  # noqa: E402
 from charlm.runtime import compute_threads
 from charlm.optim import Adam, grad_norm  # noqa: E402
 

@@ -346,7 +346,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
     from threadpoolctl import threadpool_limits
-    from charlm.lm.model import compute_threads
+    from charlm.runtime import compute_threads
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 5
     rows: list[dict] = []

@@ -1,13 +1,16 @@
-"""Small shared pieces for the data / checkpoint / sample / CLI tests (no fixtures here)."""
+"""Small shared pieces for the data / checkpoint / sample / CLI tests (no fixtures here: those
+live in conftest.py). Test modules import from here, never from one another."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 
-from charlm.lm import checkpoint
 from charlm.config import ModelConfig, TrainConfig
-from charlm.data import Vocab
+from charlm.data import Vocab, npzfile
+from charlm.lm import checkpoint
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "tiny.txt"
@@ -15,6 +18,9 @@ TINY = DATA / "tiny.txt"
 # The tiny settings every training test uses: a few steps of a very small model.
 TINY_MODEL = dict(embed=4, hidden=8, layers=1)
 TINY_TRAIN = dict(seq_len=8, batch=2, steps=3, eval_every=2, val_frac=0.05)
+
+# The keys of one text's `score --json` object.
+SCORE_KEYS = {"tokens", "logprob", "log10prob", "bits_per_token", "perplexity", "perplexity_excl_oov", "n_tokens", "oov"}
 
 
 def tiny_text() -> str:
@@ -62,3 +68,66 @@ def make_checkpoint(cell: str = "lstm", layers: int = 2, dtype=np.float32, seed:
 def env_plain() -> dict:
     """Environment for CliRunner: no colours, no terminal tricks, wide lines."""
     return {"NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "250", "CHARLM_DEBUG": None}
+
+
+# ------------------------------------------------------------ CLI results
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def failed(result, *needles):
+    """Exit code != 0, one line on stderr naming the problem, no traceback, nothing on stdout."""
+    assert result.exit_code != 0
+    err = result.stderr.strip()
+    assert err, "no message on stderr"
+    assert "\n" not in err, f"more than one line: {err!r}"
+    assert err.startswith("error:"), err
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert result.stdout == ""
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+def option_blocks(help_text: str) -> dict[str, str]:
+    """Map each option name in a Rich help panel to the text of its row(s)."""
+    blocks, current = {}, None
+    for line in help_text.splitlines():
+        inner = line.strip().strip("│").strip()
+        m = re.match(r"(--[\w-]+)", inner)
+        if m and line.strip().startswith("│"):
+            current = m.group(1)
+            blocks[current] = inner
+        elif current and line.strip().startswith("│") and inner:
+            blocks[current] += " " + inner
+        elif not line.strip().startswith("│"):
+            current = None
+    return blocks
+
+
+# ------------------------------------------------------------ checkpoint files by hand
+def read_npz(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {n: z[n] for n in z.files}
+
+
+def write_npz(path, arrays):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def meta_array(meta: dict) -> np.ndarray:
+    return np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+
+
+def rewrite_with_meta(src, dst, edit):
+    """Copy a checkpoint with its metadata changed by edit(meta), re-signed with a valid
+    checksum (computed as npzfile.digest does), so only the edit can make it fail."""
+    arrays = read_npz(src)
+    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    meta.pop("checksum")
+    edit(meta, arrays)
+    meta["checksum"] = npzfile.digest(arrays, json.dumps(meta, sort_keys=True, allow_nan=False).encode())
+    arrays["__meta__"] = meta_array(meta)
+    write_npz(dst, arrays)

@@ -10,42 +10,15 @@ import zipfile
 import numpy as np
 import pytest
 
-from charlm.data import npzfile
 from charlm.lm import checkpoint
 from charlm.errors import CharlmError
-from tests.helpers import make_checkpoint
+from tests.helpers import make_checkpoint, meta_array, read_npz, rewrite_with_meta, write_npz
 
 
 def _same_bits(a, b):
     assert a.dtype == b.dtype
     assert a.shape == b.shape
     assert a.tobytes() == b.tobytes()
-
-
-def _read_npz(path):
-    with np.load(path, allow_pickle=False) as z:
-        return {n: z[n] for n in z.files}
-
-
-def _write_npz(path, arrays):
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def _meta_array(meta: dict) -> np.ndarray:
-    return np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-
-
-def _rewrite_with_meta(src, dst, edit):
-    """Copy a checkpoint with its metadata changed by edit(meta), re-signed with a valid
-    checksum (computed as npzfile.digest does), so only the edit can make it fail."""
-    arrays = _read_npz(src)
-    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-    meta.pop("checksum")
-    edit(meta, arrays)
-    meta["checksum"] = npzfile.digest(arrays, json.dumps(meta, sort_keys=True, allow_nan=False).encode())
-    arrays["__meta__"] = _meta_array(meta)
-    _write_npz(dst, arrays)
 
 
 @pytest.fixture
@@ -256,31 +229,31 @@ def test_a_flipped_byte_inside_any_array_is_refused(saved, tmp_path, member):
 def test_a_changed_array_in_a_valid_zip_fails_the_checksum(saved, tmp_path):
     """The zip's own CRC is fine here; only charlm's checksum can notice."""
     _, path = saved
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     arrays["param/embedding.weight"] = arrays["param/embedding.weight"].copy()
     arrays["param/embedding.weight"][0, 0] += 1
     bad = tmp_path / "changed.npz"
-    _write_npz(bad, arrays)
+    write_npz(bad, arrays)
     assert "checksum" in _refused(bad)
 
 
 def test_changed_metadata_fails_the_checksum(saved, tmp_path):
     _, path = saved
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     meta = json.loads(arrays["__meta__"].tobytes().decode())
     meta["step"] += 1
-    arrays["__meta__"] = _meta_array(meta)
+    arrays["__meta__"] = meta_array(meta)
     bad = tmp_path / "changed.npz"
-    _write_npz(bad, arrays)
+    write_npz(bad, arrays)
     assert "checksum" in _refused(bad)
 
 
 def test_a_missing_array_fails_the_checksum(saved, tmp_path):
     _, path = saved
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     del arrays["opt/m/decoder.bias"]
     bad = tmp_path / "missing.npz"
-    _write_npz(bad, arrays)
+    write_npz(bad, arrays)
     _refused(bad)
 
 
@@ -299,20 +272,20 @@ def test_a_plain_npy_file_is_refused(tmp_path):
 
 def test_an_npz_without_metadata_is_refused(tmp_path):
     p = tmp_path / "weights.npz"
-    _write_npz(p, {"param/embedding.weight": np.zeros((3, 4), np.float32)})
+    write_npz(p, {"param/embedding.weight": np.zeros((3, 4), np.float32)})
     assert "metadata" in _refused(p)
 
 
 def test_metadata_of_the_wrong_dtype_is_refused(tmp_path):
     p = tmp_path / "weights.npz"
-    _write_npz(p, {"__meta__": np.frombuffer(b'{"format": "charlm-checkpoint"}', np.uint8).astype(np.int64)})
+    write_npz(p, {"__meta__": np.frombuffer(b'{"format": "charlm-checkpoint"}', np.uint8).astype(np.int64)})
     _refused(p)
 
 
 def test_an_npz_of_another_format_is_refused(saved, tmp_path):
     _, path = saved
     bad = tmp_path / "other.npz"
-    _rewrite_with_meta(path, bad, lambda meta, arrays: meta.update(format="something-else"))
+    rewrite_with_meta(path, bad, lambda meta, arrays: meta.update(format="something-else"))
     assert "something-else" in _refused(bad)
 
 
@@ -346,7 +319,7 @@ def _object_npy_bytes(obj_array) -> bytes:
 @pytest.mark.parametrize("member", ["__meta__", "param/embedding.weight"])
 def test_an_object_array_inside_a_checkpoint_is_never_unpickled(saved, tmp_path, no_unpickling, member):
     _, path = saved
-    good = _read_npz(path)
+    good = read_npz(path)
     bad = tmp_path / "latest.npz"
     with zipfile.ZipFile(bad, "w") as z:
         for name, a in good.items():
@@ -372,7 +345,7 @@ def test_a_pickle_file_is_never_unpickled(tmp_path, no_unpickling):
 def test_a_newer_format_version_is_refused_with_a_version_message(saved, tmp_path):
     _, path = saved
     bad = tmp_path / "future.npz"
-    _rewrite_with_meta(path, bad, lambda meta, arrays: meta.update(version=checkpoint.VERSION + 1))
+    rewrite_with_meta(path, bad, lambda meta, arrays: meta.update(version=checkpoint.VERSION + 1))
     msg = _refused(bad)
     assert "version" in msg
     assert str(checkpoint.VERSION + 1) in msg
@@ -383,14 +356,14 @@ def test_the_rewrite_helper_itself_produces_a_loadable_file(saved, tmp_path):
     """Guards the version test: the only difference it makes must be the version."""
     _, path = saved
     same = tmp_path / "same.npz"
-    _rewrite_with_meta(path, same, lambda meta, arrays: None)
+    rewrite_with_meta(path, same, lambda meta, arrays: None)
     assert checkpoint.load(same).step == 7
 
 
 def test_a_vocabulary_that_does_not_match_the_model_is_refused(saved, tmp_path):
     _, path = saved
     bad = tmp_path / "vocab.npz"
-    _rewrite_with_meta(path, bad, lambda meta, arrays: meta["vocab"]["tokens"].append("\u2603"))
+    rewrite_with_meta(path, bad, lambda meta, arrays: meta["vocab"]["tokens"].append("\u2603"))
     assert "vocabulary" in _refused(bad)
 
 
@@ -401,14 +374,14 @@ def test_a_parameter_of_the_wrong_shape_is_refused_naming_the_file(saved, tmp_pa
     def edit(meta, arrays):
         arrays["param/decoder.bias"] = np.zeros(3, np.float32)
 
-    _rewrite_with_meta(path, bad, edit)
+    rewrite_with_meta(path, bad, edit)
     assert "decoder.bias" in _refused(bad)
 
 
 def test_unknown_config_fields_are_refused_naming_the_file(saved, tmp_path):
     _, path = saved
     bad = tmp_path / "fields.npz"
-    _rewrite_with_meta(path, bad, lambda meta, arrays: meta["model"].update(colour="blue"))
+    rewrite_with_meta(path, bad, lambda meta, arrays: meta["model"].update(colour="blue"))
     _refused(bad)
 
 

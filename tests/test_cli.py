@@ -3,58 +3,19 @@
 import json
 import math
 import os
-import re
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from charlm.cli import app as cli
 from charlm.lm import checkpoint
-from tests.helpers import TINY, env_plain, make_checkpoint
+from tests.helpers import SCORE_KEYS, TINY, failed, make_checkpoint, ok, option_blocks
 
 TRAIN_TINY = ["--steps", "3", "--hidden", "8", "--layers", "1", "--embed", "4", "--seq-len", "8",
               "--batch", "2", "--eval-every", "2", "--sample-length", "10"]
-SCORE_KEYS = {"tokens", "logprob", "log10prob", "bits_per_token", "perplexity", "perplexity_excl_oov", "n_tokens", "oov"}
 EVAL_KEYS = {"event", "step", "train_loss", "val_bpc", "tokens_per_s"}
 DONE_KEYS = {"event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "clipped_fraction",
              "grad_norm_median", "checkpoint"}
-
-
-@pytest.fixture
-def run_cli(tmp_path, monkeypatch):
-    """Invoke the app inside an empty working folder whose models/ is the default models dir."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CHARLM_MODELS_DIR", raising=False)
-    runner = CliRunner()
-
-    def invoke(*args, input=None):
-        result = runner.invoke(cli.app, [str(a) for a in args], input=input, env=env_plain())
-        # an exception other than a clean exit is a crash, even if the runner swallowed it
-        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-        assert "Traceback" not in result.output
-        return result
-
-    return invoke
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def failed(result, *needles):
-    """Exit code != 0, one line on stderr naming the problem, no traceback, nothing on stdout."""
-    assert result.exit_code != 0
-    err = result.stderr.strip()
-    assert err, "no message on stderr"
-    assert "\n" not in err, f"more than one line: {err!r}"
-    assert err.startswith("error:"), err
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    assert result.stdout == ""
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 def score_json(result):
@@ -180,28 +141,12 @@ def test_sample_and_score_default_to_the_most_recent_run(run_cli, tmp_path):
 
 
 # ------------------------------------------------------------------ help
-def _option_blocks(help_text: str) -> dict[str, str]:
-    """Map each option name in a Rich help panel to the text of its row(s)."""
-    blocks, current = {}, None
-    for line in help_text.splitlines():
-        inner = line.strip().strip("│").strip()
-        m = re.match(r"(--[\w-]+)", inner)
-        if m and line.strip().startswith("│"):
-            current = m.group(1)
-            blocks[current] = inner
-        elif current and line.strip().startswith("│") and inner:
-            blocks[current] += " " + inner
-        elif not line.strip().startswith("│"):
-            current = None
-    return blocks
-
-
 @pytest.mark.parametrize("name", ["train", "sample", "score"])
 def test_help_shows_every_default(run_cli, name):
     res = ok(run_cli(name, "--help"))
     text = res.stdout
     assert "\x1b[" not in text
-    blocks = _option_blocks(text)
+    blocks = option_blocks(text)
     command = typer.main.get_command(cli.app).commands[name]
     checked = 0
     for p in command.params:
@@ -232,7 +177,7 @@ def test_help_of_the_app_lists_the_commands(run_cli):
 
 
 def test_temp_default_text(run_cli):
-    assert "[default: 0.8]" in _option_blocks(ok(run_cli("sample", "--help")).stdout)["--temp"]
+    assert "[default: 0.8]" in option_blocks(ok(run_cli("sample", "--help")).stdout)["--temp"]
 
 
 # -------------------------------------------------------------- failures

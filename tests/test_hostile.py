@@ -28,8 +28,7 @@ from charlm.data import Vocab
 from charlm.lm.model import Model
 from charlm.lm.sample import generate
 from charlm.lm.score import score_text
-from tests.helpers import DATA, TINY, env_plain, make_checkpoint, tiny_text, train_tiny
-from tests.test_cli import failed, ok, run_cli  # noqa: F401  (run_cli is a fixture)
+from tests.helpers import DATA, TINY, env_plain, failed, make_checkpoint, ok, rewrite_with_meta, tiny_text, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--steps", "2", "--hidden", "8", "--layers", "1", "--embed", "4", "--seq-len", "8", "--batch", "2",
@@ -356,11 +355,10 @@ def test_command_line_bytes_that_are_not_utf8(tmp_path):
 @pytest.fixture
 def future_checkpoint(tmp_path) -> Path:
     """A trained run whose latest and best checkpoints claim format version 2."""
-    from tests.test_checkpoint import _rewrite_with_meta
     run = tmp_path / "future"
     train_tiny(run, steps=2)
     for name in ("latest.npz", "best.npz"):
-        _rewrite_with_meta(run / name, run / name, lambda meta, arrays: meta.update(version=2))
+        rewrite_with_meta(run / name, run / name, lambda meta, arrays: meta.update(version=2))
     return run
 
 

@@ -10,6 +10,7 @@ from charlm.config import ModelConfig
 from charlm.kernels import fastmath, gru, layers, lstm, parallel, rnn, sample
 from charlm.lm.model import param_shapes
 from tests import reference as ref
+from tests.gradcheck import numeric_grad, rel_err
 
 N, T, D, H, V = 2, 3, 4, 5, 7
 CELLS = ("rnn", "gru", "lstm")
@@ -23,28 +24,6 @@ PARAM_NAMES = ("Wih", "Whh", "bih", "bhh")
 
 
 # ------------------------------------------------------------------ helpers
-def rel_err(a, b):
-    """max |a - b| / max(|a| + |b|): 0 when equal, 1 when one side is zero."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    den = np.max(np.abs(a) + np.abs(b))
-    return float(np.max(np.abs(a - b)) / den) if den > 0 else 0.0
-
-
-def numeric_grad(f, a, eps=1e-6):
-    """Central differences of the scalar f() with respect to every element of a (changed in place)."""
-    g = np.zeros(a.shape, dtype=np.float64)
-    for idx in np.ndindex(a.shape):
-        old = a[idx]
-        a[idx] = old + eps
-        fp = f()
-        a[idx] = old - eps
-        fm = f()
-        a[idx] = old
-        g[idx] = (fp - fm) / (2 * eps)
-    return g
-
-
 def acts_width(cell):
     return 4 * H if cell == "gru" else GATES[cell] * H
 

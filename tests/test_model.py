@@ -8,30 +8,11 @@ from charlm.config import ModelConfig
 from charlm.errors import CharlmError
 from charlm.lm.model import Model, State, check_params, param_shapes
 from tests import reference as ref
+from tests.gradcheck import numeric_grad, rel_err
 
 N, T, E, H, V = 2, 3, 4, 5, 7
 CELLS = ("rnn", "gru", "lstm")
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-
-
-def rel_err(a, b):
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    den = np.max(np.abs(a) + np.abs(b))
-    return float(np.max(np.abs(a - b)) / den) if den > 0 else 0.0
-
-
-def numeric_grad(f, a, eps=1e-6):
-    g = np.zeros(a.shape, dtype=np.float64)
-    for idx in np.ndindex(a.shape):
-        old = a[idx]
-        a[idx] = old + eps
-        fp = f()
-        a[idx] = old - eps
-        fm = f()
-        a[idx] = old
-        g[idx] = (fp - fm) / (2 * eps)
-    return g
 
 
 def small_model(cell, rng, layers=2, dropout=0.0, dtype=np.float64, scale=0.5):

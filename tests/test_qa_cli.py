@@ -4,8 +4,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import DATA
-from tests.test_cli import failed, ok, run_cli  # noqa: F401  (run_cli is a fixture)
+from tests.helpers import DATA, failed, ok
 
 TRAIN = DATA / "qa_tiny_train.txt"
 TEST = DATA / "qa_tiny_test.txt"

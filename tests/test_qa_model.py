@@ -13,13 +13,14 @@ import pytest
 from charlm.errors import CharlmError
 from charlm.qa import babi
 from charlm.qa import checkpoint as qack
-from charlm.qa.model import (ENCODERS, QAConfig, encode, encoder_forward, forward, hop_backward, hop_forward,
-                             init_params, loss_and_grads, make_batch, masked_softmax, relative_age, reverse_ids,
-                             word_weights, xent)
+from charlm.qa.batches import encode, make_batch
+from charlm.qa.encoders import ENCODERS, encoder_forward, reverse_ids, word_weights
+from charlm.qa.model import (QAConfig, forward, hop_backward, hop_forward, init_params, loss_and_grads, masked_softmax,
+                             relative_age, xent)
 from charlm.qa.train import QATrainConfig, evaluate, train
 from tests import reference as ref
+from tests.gradcheck import numeric_grad, rel_err
 from tests.helpers import DATA
-from tests.test_kernels import numeric_grad, rel_err
 
 N, M, J, D, V, A, K = 3, 4, 5, 4, 9, 5, 2
 
@@ -305,7 +306,7 @@ def test_checkpoint_never_unpickles(tmp_path):
         qack.load(bad)
 
 
-BABI = Path(__file__).resolve().parents[1] / "../shared/corpora/babi/en"
+BABI = Path(__file__).resolve().parents[1] / "corpora/babi/en"  # task 1 ships with charlm
 
 
 @pytest.mark.slow

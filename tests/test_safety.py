@@ -24,8 +24,7 @@ from charlm.lm import checkpoint
 from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import CharlmError
 from charlm.runtime import compute_threads
-from tests.helpers import DATA, TINY, env_plain, tiny_text
-from tests.test_cli import failed, ok, run_cli  # noqa: F401  (run_cli is a fixture)
+from tests.helpers import DATA, TINY, env_plain, failed, ok, tiny_text
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = DATA / "words.txt"

@@ -15,8 +15,7 @@ from charlm.errors import CharlmError
 from charlm.lm.model import Model, param_shapes
 from charlm.lm.sample import generate
 from charlm.lm.score import corpus_total, evaluate_text, score_text
-from tests.helpers import DATA, tiny_text
-from tests.test_cli import SCORE_KEYS, _option_blocks, failed, ok, run_cli  # noqa: F401 (run_cli: fixture)
+from tests.helpers import DATA, SCORE_KEYS, failed, ok, option_blocks, tiny_text
 
 WORDS = DATA / "words.txt"
 TOKEN_KEYS = {"token", "id", "prob", "logprob", "oov"}
@@ -527,7 +526,7 @@ def test_cli_eval_failures_and_help(run_cli):
     failed(run_cli("eval", "nope.txt", "--streams", "0"), "--streams")
     failed(run_cli("eval", "nope.txt", "--streams", "-2"), "--streams")
     failed(run_cli("eval", "nope.txt"), "not found", "nope.txt")
-    blocks = _option_blocks(ok(run_cli("eval", "--help")).stdout)
+    blocks = option_blocks(ok(run_cli("eval", "--help")).stdout)
     assert "--streams" in blocks
     assert "restarts from the zero state" in blocks["--streams"]
 
