@@ -22,8 +22,12 @@ def main() -> None:
     timer = threading.Timer(START_UP_S, gc_on)
     timer.daemon = True
     timer.start()
-    from .cli.app import main as cli_main
     try:
+        from .cli.app import main as cli_main  # Ctrl-C while this imports (~0.5 s) is no traceback either
         cli_main()
+    except KeyboardInterrupt:
+        import sys
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
     finally:
         timer.cancel()

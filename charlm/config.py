@@ -1,6 +1,7 @@
 """Frozen, validated configuration records, convertible to and from plain dicts."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from .errors import CharlmError
@@ -10,11 +11,36 @@ GATES = {"rnn": 1, "gru": 3, "lstm": 4, "esn": 1}
 OPTIMIZERS = ("adam", "sgd")
 
 
-def _positive(name: str, value, integer: bool = True) -> None:
+# Upper bounds on sizes, so that a flag or a forged checkpoint is refused before anything is
+# allocated (the memory a real configuration needs is estimated separately: charlm.lm.memory).
+MAX_SIZE = 1 << 24        # embed, hidden, seq-len, batch, ...
+MAX_LAYERS = 1024
+MAX_SEED = 2 ** 64 - 1    # NumPy seeds are non-negative
+
+
+def _positive(name: str, value, integer: bool = True, limit: float | None = None) -> None:
+    """A positive whole number (integer) or a positive finite number, at most limit."""
     if integer and (not isinstance(value, int) or isinstance(value, bool)):
-        raise CharlmError(f"{name} must be a whole number, got {value!r}")
-    if not value > 0:
-        raise CharlmError(f"{name} must be positive, got {value!r}")
+        raise CharlmError(f"{name} must be a whole number, got {str(value)[:40]}")
+    if not integer and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise CharlmError(f"{name} must be a number, got {str(value)[:40]}")
+    if not value > 0 or not math.isfinite(value):
+        raise CharlmError(f"{name} must be positive{'' if integer else ' and finite'}, got {str(value)[:40]}")
+    if limit is not None and value > limit:
+        raise CharlmError(f"{name} must be at most {limit:,}, got {str(value)[:40]}")
+
+
+def _finite(name: str, value, low: float = 0.0) -> None:
+    """A finite number >= low (0 means off for --clip)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        least = "" if low == -math.inf else f", {low:g} or more"
+        raise CharlmError(f"{name} must be a finite number{least}, got {str(value)[:40]}")
+
+
+def check_seed(name: str, value) -> None:
+    """A seed NumPy takes: a whole number from 0 to 2**64 - 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        raise CharlmError(f"{name} must be a whole number from 0 to 2**64 - 1, got {str(value)[:40]}")
 
 
 def _from_dict(cls, d: dict):
@@ -43,10 +69,14 @@ class ModelConfig:
     def __post_init__(self):
         if self.cell not in CELLS:
             raise CharlmError(f"--cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        for name in ("embed", "hidden", "layers"):
-            _positive(f"--{name}", getattr(self, name))
-        if not isinstance(self.vocab_size, int) or self.vocab_size < 0:  # 0: not known yet
-            raise CharlmError(f"vocab_size must be a whole number, got {self.vocab_size!r}")
+        for name in ("embed", "hidden"):
+            _positive(f"--{name}", getattr(self, name), limit=MAX_SIZE)
+        _positive("--layers", self.layers, limit=MAX_LAYERS)
+        if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) \
+                or not 0 <= self.vocab_size < 1 << 32:  # 0: not known yet
+            raise CharlmError(f"vocab_size must be a whole number below 2**32, got {str(self.vocab_size)[:40]}")
+        for name in ("dropout", "leak", "sr", "connectivity", "input_scaling", "bias_scaling"):
+            _finite(f"--{name.replace('_', '-')}", getattr(self, name), -math.inf)
         if not 0.0 <= self.dropout < 1.0:
             raise CharlmError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.cell == "esn":
@@ -96,20 +126,26 @@ class TrainConfig:
     max_vocab: int = 50_000  # word level: at most this many tokens, <eos> and <unk> included
 
     def __post_init__(self):
-        _positive("--seq-len", self.seq_len)
-        _positive("--batch", self.batch)
+        _positive("--seq-len", self.seq_len, limit=MAX_SIZE)
+        _positive("--batch", self.batch, limit=MAX_SIZE)
         _positive("--lr", self.lr, integer=False)
         _positive("--eval-every", self.eval_every)
         if self.optimizer not in OPTIMIZERS:
-            raise CharlmError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.clip < 0:
-            raise CharlmError(f"--clip must be 0 (off) or positive, got {self.clip}")
-        for name in ("steps", "epochs", "minutes"):
-            if getattr(self, name) < 0:
-                raise CharlmError(f"--{name} must be positive, got {getattr(self, name)}")
+            raise CharlmError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {str(self.optimizer)[:40]!r}")
+        if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not math.isfinite(self.clip) \
+                or self.clip < 0:
+            raise CharlmError(f"--clip must be 0 (off) or a finite positive number, got {str(self.clip)[:40]}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise CharlmError(f"--steps must be positive, got {str(self.steps)[:40]}")
+        for name in ("epochs", "minutes"):  # 0: not set
+            _finite(f"--{name}", getattr(self, name))
+        _finite("--val-frac", self.val_frac)
+        check_seed("--seed", self.seed)
         if self.level not in ("char", "word"):
             raise CharlmError(f"--level must be char or word, got {self.level!r}")
         _positive("--min-count", self.min_count)
+        if not isinstance(self.max_vocab, int) or isinstance(self.max_vocab, bool) or self.max_vocab >= 1 << 32:
+            raise CharlmError(f"--max-vocab must be at least 3 and below 2**32, got {str(self.max_vocab)[:40]}")
         if not isinstance(self.max_vocab, int) or self.max_vocab < 3:
             raise CharlmError(f"--max-vocab must be at least 3, got {self.max_vocab!r}")
         if not 0.0 < self.val_frac < 0.5:

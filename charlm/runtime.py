@@ -61,15 +61,17 @@ def _load_from_file() -> None:
 
 @contextmanager
 def compute_threads(n: int | None = None):
-    """Run the kernels on n threads (default: every core). Numba splits the work
+    """Run the kernels on n threads (default: every core; under MPI the node's cores shared among
+    the node's ranks). Numba splits the work
     (LSTM time loops by hidden units, GRU/RNN ones by batch rows, whole-window
     products by time or rows) and every BLAS call stays single-threaded: a BLAS
     thread waiting for a core that is busy elsewhere would otherwise stall every
     time step."""
     import numba
     from threadpoolctl import threadpool_limits
+    from .dist import default_threads
     load_blas()  # load the BLAS Numba calls now, so that the limit reaches it
-    n = n or numba.config.NUMBA_NUM_THREADS
+    n = n or default_threads(numba.config.NUMBA_NUM_THREADS)  # under MPI: the node's cores / its ranks
     old = numba.get_num_threads()
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     try:
@@ -85,3 +87,26 @@ def gc_on() -> None:
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
+
+
+def machine_memory() -> tuple[int, str]:
+    """The memory this process can have at most, in bytes, and what sets it: the machine's RAM, or a
+    smaller container (cgroup) limit or address-space limit (ulimit -v)."""
+    import resource
+    limits = []
+    try:
+        limits.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the machine has"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+            if value.isdigit() and int(value) < 1 << 60:
+                limits.append((int(value), "this container may use"))
+        except OSError:
+            pass
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY and soft > 0:
+        limits.append((soft, "the address-space limit (ulimit -v) is"))
+    return min(limits) if limits else (1 << 62, "no limit is known")

@@ -82,7 +82,7 @@ def test_a_binary_file_is_refused_unless_errors_replace(run_cli, tmp_path):
     raw = Path("/bin/ls").read_bytes()
     with pytest.raises(UnicodeDecodeError) as e:
         raw.decode("utf-8")
-    err = failed(run_cli("train", "/bin/ls", *TRAIN, "--out", "run"), "/bin/ls is not valid utf-8",
+    err = failed(run_cli("train", "/bin/ls", *TRAIN, "--out", "run"), "/bin/ls is not text: it looks like an executable",
                  f"bad byte 0x{raw[e.value.start]:02x} at offset {e.value.start}", "--errors replace")
     assert len(err) < 300
     assert not (tmp_path / "run").exists()
@@ -288,8 +288,8 @@ def test_score_of_only_unknown_characters_and_of_the_empty_string(run_cli, model
     empty = json.loads(ok(run_cli("score", "", "--model", model_dir, "--json")).stdout)
     assert r["oov"] == 4 and r["n_tokens"] == 1 and [t["token"] for t in r["tokens"]] == ["\n"]
     assert r["logprob"] == empty["logprob"] and empty["n_tokens"] == 1 and empty["oov"] == 0
-    none = json.loads(ok(run_cli("score", "", "--model", model_dir, "--json", "--no-eos")).stdout)
-    assert none["n_tokens"] == 0 and none["logprob"] == 0 and none["perplexity"] == 1.0
+    # no factor at all is no perplexity (not a perfect 1.0), as eval says of an empty file (issue 18)
+    failed(run_cli("score", "", "--model", model_dir, "--json", "--no-eos"), "nothing to score")
     table = ok(run_cli("score", "☃", "--model", model_dir)).stdout
     assert "OOV = 1" in table
 

@@ -19,12 +19,16 @@ def write_tokens(pieces, vocab: Vocab, path) -> tuple[np.ndarray, dict[str, int]
     renamed into place. Returns the ids memory-mapped read-only, and the counts of
     out-of-vocabulary tokens (characters are left out, words become <unk>)."""
     from collections import Counter
+    import tempfile
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     dtype = id_dtype(len(vocab))
     oov: Counter = Counter()
+    tmp = None
     try:
-        with open(tmp, "wb") as raw:
+        # a name of this process's own: two writers never share (or delete) one temporary file
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as raw:
             for piece in _bounded(pieces, vocab.level):
                 if _has_oov(vocab, piece):
                     ids, bad = vocab.encode(piece)
@@ -35,13 +39,15 @@ def write_tokens(pieces, vocab: Vocab, path) -> tuple[np.ndarray, dict[str, int]
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
+        tmp = None
     except OSError as e:
         raise CharlmError(f"could not write the token file {path}: {e.strerror or e}") from None
     finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     return open_tokens(path, dtype), dict(oov)
 
 
@@ -67,6 +73,69 @@ def open_tokens(path, dtype) -> np.ndarray:
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+ID_DTYPES = ("|u1", "<u2", "<u4")  # what write_tokens writes (id_dtype), little-endian
+TEMPORARY_PATTERNS = (f".{TOKENS_FILE}.*tmp", f".{VAL_TOKENS_FILE}.*tmp")  # write_tokens' temporaries
+
+
+def run_file(run_dir: Path, name, what: str, why: str = "cannot resume") -> Path:
+    """The file `name` (as a checkpoint records it) inside run_dir, refusing anything that would
+    reach outside it: a path with folders, '..', an absolute path, a symbolic link out."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or "\0" in name or Path(name).name != name:
+        raise CharlmError(f"{why}: the checkpoint names its {what} {str(name)[:100]!r}, which is not a "
+                          f"file name inside the run folder {run_dir}")
+    path = run_dir / name
+    try:
+        inside = path.resolve().parent == run_dir.resolve()
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside:
+        raise CharlmError(f"{why}: the run's {what} {path} leads outside the run folder {run_dir}")
+    return path
+
+
+def open_run_tokens(path: Path, dtype, sha256, vocab_size: int, what: str = "token file",
+                    why: str = "cannot resume") -> np.ndarray:
+    """A run's token file memory-mapped, after one pass over its bytes checking everything a kernel
+    would trust: a regular file, whole ids of a known type, the recorded SHA-256, every id below
+    vocab_size (the kernels index without bounds checks)."""
+    import hashlib
+    import stat
+    if dtype not in ID_DTYPES:
+        raise CharlmError(f"{why}: the checkpoint gives its {what} the type {str(dtype)[:20]!r}; "
+                          f"token ids are one of {', '.join(ID_DTYPES)}")
+    dtype = np.dtype(dtype)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise CharlmError(f"{why}: the run's {what} {path} is missing; keep the run directory whole") from None
+    except OSError as e:
+        raise CharlmError(f"{why}: cannot read the run's {what} {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CharlmError(f"{why}: the run's {what} {path} is not a regular file")
+        if st.st_size % dtype.itemsize:
+            raise CharlmError(f"{why}: {path} does not match the checkpoint (it was changed)")
+        h, top = hashlib.sha256(), -1
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+            if len(block) >= dtype.itemsize:
+                top = max(top, int(np.frombuffer(block[:len(block) - len(block) % dtype.itemsize], dtype).max()))
+    if h.hexdigest() != sha256:
+        raise CharlmError(f"{why}: {path} does not match the checkpoint (it was changed)")
+    if top >= vocab_size:
+        raise CharlmError(f"{why}: {path} holds token id {top}, outside the vocabulary of {vocab_size} "
+                          f"tokens; the run folder was tampered with")
+    return open_tokens(path, dtype)
 
 
 def _has_oov(vocab: Vocab, piece: str) -> bool:

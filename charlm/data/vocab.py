@@ -45,6 +45,14 @@ class Vocab:
     def __post_init__(self):
         if self.level not in ("char", "word"):
             raise CharlmError(f"unknown vocabulary level {self.level!r}")
+        if not all(isinstance(t, str) and t for t in self.tokens):
+            raise CharlmError("vocabulary tokens must be non-empty strings")
+        if self.level == "char" and any(len(t) != 1 for t in self.tokens):
+            bad = next(t for t in self.tokens if len(t) != 1)
+            raise CharlmError(f"a character vocabulary holds one character per token, not {bad[:20]!r}")
+        if self.level == "word" and any(len(t.split()) != 1 or t.strip() != t for t in self.tokens):
+            bad = next(t for t in self.tokens if len(t.split()) != 1 or t.strip() != t)
+            raise CharlmError(f"a word vocabulary holds words without spaces, not {bad[:20]!r}")
         if len(set(self.tokens)) != len(self.tokens):
             raise CharlmError("vocabulary has duplicate tokens")
         index = {t: i for i, t in enumerate(self.tokens)}
@@ -173,8 +181,10 @@ class Vocab:
     @classmethod
     def from_dict(cls, d: dict) -> "Vocab":
         try:
+            if not isinstance(d["tokens"], list) or not 0 < len(d["tokens"]) < 1 << 32:
+                raise TypeError("tokens is not a list of 1 to 2**32 - 1 tokens")
             return cls(tuple(d["tokens"]), d.get("level", "char"), bool(d.get("lower", False)))
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise CharlmError(f"malformed vocabulary in checkpoint: {e}") from None
 
 

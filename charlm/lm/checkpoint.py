@@ -20,6 +20,7 @@ os.replace()d over the target, so a crash leaves either the old file or the new.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ class Checkpoint:
     data: dict = field(default_factory=dict)      # token files of the run: names, dtype, sizes, sha256
     counters: dict = field(default_factory=dict)  # tokens, train_seconds, clipped, ...
     grad_norms: np.ndarray | None = None          # (step,) float32 pre-clip gradient norm of every step
+    guard: dict = field(default_factory=dict)     # the divergence guard: step, t of its snapshot; halvings, ...
+    guard_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # its snapshot: param/<n>, opt/m/<n>, ...
     path: str = ""
 
 
@@ -66,6 +69,7 @@ def save(ckpt: Checkpoint, path: str | os.PathLike) -> None:
     arrays.update({f"state/{n}": a for n, a in ckpt.state.items()})
     if ckpt.grad_norms is not None:
         arrays["hist/grad_norm"] = np.asarray(ckpt.grad_norms, dtype=np.float32)
+    arrays.update({f"guard/{n}": a for n, a in ckpt.guard_arrays.items()})
     meta = {
         "format": FORMAT, "version": VERSION,
         "model": ckpt.model.to_dict(),
@@ -77,6 +81,8 @@ def save(ckpt: Checkpoint, path: str | os.PathLike) -> None:
         "rng": ckpt.rng, "history": ckpt.history, "corpus": ckpt.corpus,
         "data": ckpt.data, "counters": ckpt.counters,
     }
+    if ckpt.guard:
+        meta["guard"] = ckpt.guard
     write_npz(arrays, meta, path)
 
 
@@ -84,9 +90,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     """Delete the temporary files save() leaves behind when its process is killed mid-write
     (.latest.npz.XXXX.tmp ...); they are never read, but each can be as large as a checkpoint.
     Call it only when no other process is saving into folder. Returns the names removed."""
+    from ..data.tokens import TEMPORARY_PATTERNS
     removed = []
-    for name in (LATEST, BEST):
-        for p in Path(folder).glob(f".{name}.*.tmp"):
+    for pattern in (f".{LATEST}.*.tmp", f".{BEST}.*.tmp", *TEMPORARY_PATTERNS):
+        for p in Path(folder).glob(pattern):
             try:
                 p.unlink()
                 removed.append(p.name)
@@ -96,10 +103,27 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
 
 
 def load(path: str | os.PathLike) -> Checkpoint:
-    """Read and verify a checkpoint. Never unpickles; any damage is a CharlmError naming the file."""
+    """Read and verify a checkpoint: every field of its metadata against the schema, every array's
+    shape, type and finiteness, before anything else trusts them. Never unpickles; any damage is a
+    CharlmError naming the file."""
     path = str(path)
     arrays, meta, bad = read_npz(path, FORMAT, VERSION)
+    ckpt = _from_meta(path, arrays, meta, bad)
+    from .models import check_params  # late import: the models import kernels (slow) only when needed
     try:
+        check_params(ckpt.model, ckpt.params)
+        if ckpt.model.vocab_size != len(ckpt.vocab):
+            raise CharlmError(f"vocabulary has {len(ckpt.vocab)} tokens, model expects {ckpt.model.vocab_size}")
+        _check_training_state(ckpt)
+    except CharlmError as e:
+        raise CharlmError(f"{bad} ({e})") from None
+    return ckpt
+
+
+def _from_meta(path: str, arrays: dict, meta: dict, bad: str) -> Checkpoint:
+    """The Checkpoint the metadata and arrays describe, every metadata field of the type it must have."""
+    try:
+        _check_schema(meta)
         ckpt = Checkpoint(
             model=ModelConfig.from_dict(meta["model"]),
             vocab=Vocab.from_dict(meta["vocab"]),
@@ -112,18 +136,96 @@ def load(path: str | os.PathLike) -> Checkpoint:
             best_val_loss=meta.get("best_val_loss"), rng=meta.get("rng"),
             history=meta.get("history") or [], corpus=meta.get("corpus", ""), path=path,
             data=meta.get("data") or {}, counters=meta.get("counters") or {},
-            grad_norms=arrays.get("hist/grad_norm"),
+            grad_norms=arrays.get("hist/grad_norm"), guard=meta.get("guard") or {},
+            guard_arrays={n[6:]: a for n, a in arrays.items() if n.startswith("guard/")},
         )
-    except (KeyError, TypeError, ValueError, CharlmError) as e:
-        raise CharlmError(f"{bad} (metadata: {e})") from None
-    from .models import check_params  # late import: the models import kernels (slow) only when needed
-    try:
-        check_params(ckpt.model, ckpt.params)
-    except CharlmError as e:
-        raise CharlmError(f"{bad} ({e})") from None
-    if ckpt.model.vocab_size != len(ckpt.vocab):
-        raise CharlmError(f"{bad} (vocabulary has {len(ckpt.vocab)} tokens, model expects {ckpt.model.vocab_size})")
+    except (KeyError, TypeError, ValueError, AttributeError, CharlmError) as e:
+        raise CharlmError(f"{bad} (metadata: {str(e)[:300]})") from None
     return ckpt
+
+
+def _count(d: dict, key: str, required: bool = False) -> None:
+    v = d.get(key, 0 if not required else None)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise CharlmError(f"{key} must be a whole number, 0 or more, got {str(v)[:40]}")
+
+
+def _number(v, what: str, optional: bool = True) -> None:
+    if (v is None and optional) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+        return
+    raise CharlmError(f"{what} must be a finite number, got {str(v)[:40]}")
+
+
+def _check_schema(meta: dict) -> None:
+    """The metadata's fields have the types save() writes (before any of them sizes an allocation)."""
+    for key, kind in (("model", dict), ("vocab", dict), ("train", (dict, type(None))), ("optimizer", (dict, type(None))),
+                      ("rng", (dict, type(None))), ("history", (list, type(None))), ("corpus", (str, type(None))),
+                      ("data", (dict, type(None))), ("counters", (dict, type(None))), ("guard", (dict, type(None)))):
+        if not isinstance(meta.get(key), kind):
+            raise CharlmError(f"{key} is a {type(meta.get(key)).__name__}")
+    for key in ("step", "epoch", "window"):
+        _count(meta, key)
+    _number(meta.get("best_val_loss"), "best_val_loss")
+    opt = meta.get("optimizer") or {}
+    _count(opt, "t")
+    for key in ("lr", "beta1", "beta2", "eps"):
+        _number(opt.get(key), f"optimizer {key}")
+    for key, v in (meta.get("counters") or {}).items():
+        _number(v, f"counter {key}", optional=False)
+    if not all(isinstance(h, dict) and all(v is None or isinstance(v, (int, float)) for v in h.values())
+               for h in meta.get("history") or []):
+        raise CharlmError("history must be a list of records of numbers")
+    guard = meta.get("guard") or {}
+    for key in guard:
+        _count(guard, key)
+    if meta.get("rng") is not None:
+        try:
+            np.random.PCG64().state = meta["rng"]
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            raise CharlmError(f"rng is not a NumPy PCG64 state ({str(e)[:100]})") from None
+
+
+def _same_as(arrays: dict, names: list[str], like: dict, what: str, nonnegative: tuple = ()) -> None:
+    """arrays holds exactly names, each with the shape and dtype of like[name] and finite values."""
+    if sorted(arrays) != sorted(names):
+        extra = sorted(set(arrays) ^ set(names))
+        raise CharlmError(f"{what} arrays do not match the model's parameters ({', '.join(extra[:3])[:200]})")
+    for n in names:
+        a, ref = arrays[n], like[n.rpartition("/")[2] if "/" in n else n]
+        if a.shape != ref.shape or a.dtype != ref.dtype:
+            raise CharlmError(f"{what} array {n} has shape {a.shape} {a.dtype}, expected {ref.shape} {ref.dtype}")
+        if not np.isfinite(a).all() or (n.startswith(nonnegative) and (a < 0).any()):
+            raise CharlmError(f"{what} array {n} is not finite")
+
+
+def _check_training_state(ck: Checkpoint) -> None:
+    """The optimizer moments, carried state, guard snapshot and history fit the (checked) parameters."""
+    from .models import trainable_names
+    names = trainable_names(ck.model)
+    params = ck.params
+    moments = [f"{k}/{n}" for k in ("m", "v") for n in names]
+    if ck.opt_arrays or (ck.optimizer.get("name") == "adam" and ck.train is not None):
+        _same_as(ck.opt_arrays, moments, params, "optimizer", nonnegative=("v/",))
+    if ck.train is not None and ck.optimizer.get("name", ck.train.optimizer) != ck.train.optimizer:
+        raise CharlmError(f"optimizer {str(ck.optimizer.get('name'))[:20]!r} is not the one trained with")
+    if ck.state:
+        h = ck.state.get("h")
+        L = 1 if ck.model.cell == "esn" else ck.model.layers
+        dtype = params["decoder.weight"].dtype
+        if sorted(ck.state) != ["c", "h"] or h.ndim != 3 or h.shape[0] != L or h.shape[2] != ck.model.hidden \
+                or ck.state["c"].shape != h.shape or h.dtype != dtype or ck.state["c"].dtype != dtype:
+            raise CharlmError(f"the carried state has shape {None if h is None else h.shape}, expected ({L}, N, "
+                              f"{ck.model.hidden}) {dtype}")
+        if not (np.isfinite(h).all() and np.isfinite(ck.state["c"]).all()):
+            raise CharlmError("the carried state is not finite")
+    g = ck.grad_norms
+    if g is not None and (g.ndim != 1 or g.dtype != np.float32 or len(g) > ck.step or not np.isfinite(g).all()):
+        raise CharlmError(f"hist/grad_norm must be float32 (step,) and finite, got {g.dtype} {g.shape}")
+    if ck.guard_arrays:
+        want = [f"param/{n}" for n in names] + [f"opt/{m}" for m in (moments if ck.opt_arrays else [])]
+        _same_as(ck.guard_arrays, want, params, "guard snapshot", nonnegative=("opt/v/",))
+        if ck.guard.get("step", 0) > ck.step:
+            raise CharlmError("the guard snapshot is newer than the checkpoint")
 
 
 def resolve(model: str | None, root: str | os.PathLike = "models") -> str:
@@ -135,6 +237,9 @@ def resolve(model: str | None, root: str | os.PathLike = "models") -> str:
             for name in (BEST, LATEST):
                 if (p / name).is_file():
                     return str(p / name)
+            if any((p / n).exists() for n in ("tokens.bin", "val_tokens.bin")) or any(p.glob(".*.tmp")):
+                raise CharlmError(f"no checkpoint in {p}: its training stopped before the first save; train again "
+                                  f"with --out {p} (what it left is cleaned up then)")
             raise CharlmError(f"no checkpoint ({BEST} or {LATEST}) in directory {p}")
         if not p.exists():
             raise CharlmError(f"model not found: {p}")

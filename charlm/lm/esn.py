@@ -122,7 +122,7 @@ def check_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
         raise CharlmError("the reservoir matrix is not a valid CSR matrix (row pointers or column indices)")
     for n in floats:
         if not np.isfinite(params[n]).all():
-            raise CharlmError(f"parameter {n} is not finite")
+            raise CharlmError(f"parameter {n} is not finite (NaN or infinity): the weights are unusable")
 
 
 class EsnWorkspace:
@@ -199,6 +199,6 @@ class EsnModel(BaseModel):
         arrays = (p["reservoir.input_weight"], p["reservoir.bias"], p["reservoir.W_data"], p["reservoir.W_indices"],
                   p["reservoir.W_indptr"], float(self.cfg.leak), WoutT, p["decoder.bias"])
 
-        def step(out, hs, cs, feed, u, temperature, top_k, greedy):
-            esn_sample(out, hs[0, 0], feed, u, *arrays, temperature, top_k, greedy)
+        def step(out, lps, hs, cs, seen, feed, u, temperature, top_k, top_p, penalty, greedy):
+            esn_sample(out, lps, hs[0, 0], seen, feed, u, *arrays, temperature, top_k, top_p, penalty, greedy)
         return step

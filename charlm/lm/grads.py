@@ -54,7 +54,8 @@ import numpy as np
 
 from . import checkpoint
 from ..config import ModelConfig, models_dir
-from ..data import Vocab, open_tokens, read_text
+from ..data import Vocab, read_text
+from ..data.tokens import open_run_tokens, run_file
 from ..errors import CharlmError
 from .gradplot import PLOT_HINT, SPARK, plot, sparkline, table_lags  # noqa: F401  (part of this API)
 from .model import Model
@@ -345,10 +346,11 @@ def checkpoint_job(path: str, text: str | None) -> Job:
             warning = f"{len(oov)} character(s) of CORPUS not in the vocabulary of {path} were left out"
     else:
         tok = ck.data.get("tokens")
-        tpath = Path(path).parent / tok if tok else None
-        if tpath is None or not tpath.is_file():
+        if not tok or not (Path(path).parent / str(tok)).is_file():
             raise CharlmError(f"{path} keeps no training text (its run's token file is missing): give a CORPUS")
-        ids = open_tokens(tpath, ck.data["dtype"])
+        tpath = run_file(Path(path).parent, tok, "token file", why="cannot measure")  # never outside its run
+        ids = open_run_tokens(tpath, ck.data.get("dtype"), ck.data.get("sha256"), len(ck.vocab),
+                              why="cannot measure")
     return Job(label_of(path), Model(ck.model, ck.params), ids, training_record(ck), warning)
 
 

@@ -79,17 +79,25 @@ def init_params(cfg: ModelConfig, rng: np.random.Generator, dtype=np.float32) ->
 
 
 def check_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
-    """Every expected array present, with the right shape and one float dtype."""
+    """Every expected array present, with the right shape and one float dtype, every value finite."""
+    # far fewer arrays than the layers need (a forged `layers`): say so before building the list of
+    # names; a few missing arrays are named below
+    if len(params) + 16 < 4 * cfg.layers + 3:
+        raise CharlmError(f"checkpoint has {len(params)} parameter arrays; {cfg.layers} layers need {4 * cfg.layers + 3}")
     shapes = param_shapes(cfg)
     missing = [n for n in shapes if n not in params]
     if missing:
-        raise CharlmError(f"checkpoint is missing parameters: {', '.join(missing)}")
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CharlmError(f"checkpoint is missing parameters: {', '.join(missing[:5])}{more}")
     dtypes = {params[n].dtype for n in shapes}
     if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float64):
         raise CharlmError(f"parameters must all be float32 or all float64, got {sorted(map(str, dtypes))}")
     for n, s in shapes.items():
         if params[n].shape != s:
             raise CharlmError(f"parameter {n} has shape {params[n].shape}, expected {s}")
+    for n in shapes:
+        if not np.isfinite(params[n]).all():
+            raise CharlmError(f"parameter {n} is not finite (NaN or infinity): the weights are unusable")
 
 
 class Workspace:
@@ -214,6 +222,7 @@ class Model(BaseModel):
         packed = pack(self.params, self.cfg.layers, parts=parts)
         code = CELL_CODES[self.cfg.cell]
 
-        def step(out, hs, cs, feed, u, temperature, top_k, greedy):
-            stack_sample(out, hs, cs, feed, u, code, *packed, temperature, top_k, greedy, parts)
+        def step(out, lps, hs, cs, seen, feed, u, temperature, top_k, top_p, penalty, greedy):
+            stack_sample(out, lps, hs, cs, seen, feed, u, code, *packed, temperature, top_k, top_p, penalty,
+                         greedy, parts)
         return step

@@ -32,6 +32,15 @@ def check_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
     model_class(cfg.cell).check_params(cfg, params)
 
 
+def trainable_names(cfg: ModelConfig) -> list[str]:
+    """The parameters the optimizer updates (and keeps moments of): the readout for an ESN, else all."""
+    if cfg.cell == "esn":
+        from .esn import TRAINABLE
+        return list(TRAINABLE)
+    from .model import param_shapes
+    return list(param_shapes(cfg))
+
+
 def build_model(cfg: ModelConfig, params: dict[str, np.ndarray]) -> BaseModel:
     """The model a configuration describes, over the given parameters (checked)."""
     return model_class(cfg.cell)(cfg, params)

@@ -13,6 +13,7 @@ this module (and charlm) stays fast.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -63,10 +64,14 @@ class Plan:
     def events(self, should_stop: Optional[Callable[[], bool]] = None) -> Iterator[dict]:
         """Run the training loop on this plan; yields the events of charlm.lm.train."""
         from .train import train as run_train
-        return run_train(self.source, self.model, self.train, self.run_dir, corpus_name=self.corpus_name,
-                         val_text=self.val_source, resume=self.resume, init_from=self.init_from,
-                         strict_vocab=self.strict_vocab, checkpoint_every=self.checkpoint_every,
-                         sample_chars=self.sample_length, should_stop=should_stop or (lambda: False))
+        for ev in run_train(self.source, self.model, self.train, self.run_dir, corpus_name=self.corpus_name,
+                            val_text=self.val_source, resume=self.resume, init_from=self.init_from,
+                            strict_vocab=self.strict_vocab, checkpoint_every=self.checkpoint_every,
+                            sample_chars=self.sample_length, should_stop=should_stop or (lambda: False)):
+            yield ev
+            if ev["event"] == "done" and ev["latest"] is None:  # every save met non-finite weights
+                raise CharlmError(f"no checkpoint was written to {ev['run_dir']}: the weights were not finite at "
+                                  f"any save; start again with a lower --lr")
 
 
 def train(corpus: str | os.PathLike | None = None, *, should_stop: Optional[Callable[[], bool]] = None,
@@ -131,6 +136,8 @@ def plan(corpus: str | os.PathLike | None = None, **options) -> Plan:
     if resume_ck is not None:
         run_dir = Path(resume_ck.path).parent
     else:
+        from .memory import check_memory  # before a folder is made or a token read (the vocabulary at its smallest)
+        check_memory(init_ck.model if init_ck else mcfg, tcfg)
         run_dir = Path(o["out"]) if o["out"] else run_dir_name(corpus_name, init_ck.model.cell if init_ck else o["cell"])
     return Plan(model=mcfg, train=tcfg, run_dir=run_dir, corpus_name=corpus_name, source=source,
                 val_source=val_source, resume=resume_ck, init_from=init_ck, strict_vocab=o["strict_vocab"],
@@ -140,8 +147,12 @@ def plan(corpus: str | os.PathLike | None = None, **options) -> Plan:
 def _check_options(o: dict) -> None:
     """The checks that need no file: budgets, counts, and options that exclude each other."""
     for name in ("steps", "epochs", "minutes"):
-        if o[name] is not None and o[name] <= 0:
-            raise CharlmError(f"--{name} must be positive, got {o[name]}")
+        v = o[name]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                              or not math.isfinite(v)):
+            raise CharlmError(f"--{name} must be positive and finite, got {str(v)[:40]}")
+    if o["steps"] is not None and not isinstance(o["steps"], int):
+        raise CharlmError(f"--steps must be a whole number, got {o['steps']}")
     if o["sample_length"] < 0:
         raise CharlmError(f"--sample-length must be 0 or positive, got {o['sample_length']}")
     if o["checkpoint_every"] < 0:
@@ -175,7 +186,7 @@ def _init_checkpoint(o: dict, given: set):
 
 def _sources(corpus, o: dict):
     """The corpus and validation file to read, checked before anything is read: (source, val_source, name)."""
-    from ..data import check_text_file, default_corpus, iter_text, read_text
+    from ..data import check_text_file, default_corpus, iter_text
     from .start import Source
     encoding, errors, val = o["encoding"], o["errors"], o["val"]
     if corpus is None:
@@ -183,7 +194,7 @@ def _sources(corpus, o: dict):
         source = Source.of(text, corpus_name)
     elif str(corpus) == "-":
         corpus_name = "stdin"
-        source = Source.of(read_text("-", encoding, errors), corpus_name)
+        source = _stdin_source(encoding, errors)
     else:
         path = str(corpus)
         corpus_name = Path(path).name
@@ -195,6 +206,23 @@ def _sources(corpus, o: dict):
         check_text_file(val, encoding, errors, what="validation file")
         val_source = Source(lambda: iter_text(val, encoding, errors, what="validation file"), "validation")
     return source, val_source, corpus_name
+
+
+def _stdin_source(encoding: str, errors: str):
+    """Standard input as a Source that can be read twice: copied (in blocks, lines of bounded length) to
+    an anonymous temporary file, then streamed from it like a corpus file, never held in memory whole."""
+    from ..data import check_text_file, iter_text
+    from ..data.stdin import spool_stdin
+    from .start import Source
+    check_text_file("-", encoding, errors)
+    path = spool_stdin()
+
+    def pieces():
+        try:
+            yield from iter_text(path, encoding, errors)
+        except CharlmError as e:
+            raise CharlmError(str(e).replace(path, "standard input")) from None
+    return Source(pieces, "stdin")
 
 
 def _model_config(o: dict, given: set) -> ModelConfig:

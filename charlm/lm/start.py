@@ -4,7 +4,7 @@ the result, a Start, is what the training loop (charlm.lm.train) builds its mode
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -12,8 +12,10 @@ import numpy as np
 
 from . import checkpoint as ckpt_mod
 from ..config import ModelConfig, TrainConfig
-from ..data import (TOKENS_FILE, VAL_TOKENS_FILE, Batches, Vocab, file_digest, open_tokens, scan_vocab,
-                    split_train_val, write_tokens)
+from ..data import (TOKENS_FILE, VAL_TOKENS_FILE, Batches, Vocab, file_digest, scan_vocab, split_train_val,
+                    write_tokens)
+from ..data.lock import RunLock, lock_run_dir
+from ..data.tokens import open_run_tokens, run_file
 from ..errors import CharlmError
 
 
@@ -77,24 +79,25 @@ def _chain(*iterables):
 
 
 def _reopen_tokens(ck: ckpt_mod.Checkpoint, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The token files a checkpoint's run was trained on, checked against their digests."""
+    """The token files a checkpoint's run was trained on: confined to the run folder, checked against
+    their digests and the vocabulary (every id in range) before any kernel sees them."""
     data = ck.data
     if not data.get("tokens"):
         raise CharlmError(f"{ck.path} records no token files; it cannot be resumed (use --init-from to fine-tune)")
-    path = run_dir / data["tokens"]
-    if not path.is_file():
+    path = run_file(run_dir, data["tokens"], "token file")
+    if not path.exists():
         raise CharlmError(f"cannot resume: the run's token file {path} is missing; keep the run directory whole, "
                           f"or start again with --init-from {ck.path}")
-    if file_digest(path) != data["sha256"]:
-        raise CharlmError(f"cannot resume: {path} does not match the checkpoint (it was changed)")
-    ids = open_tokens(path, data["dtype"])
+    V = len(ck.vocab)
+    ids = open_run_tokens(path, data.get("dtype"), data.get("sha256"), V)
     if data.get("val_tokens"):
-        vpath = run_dir / data["val_tokens"]
-        if not vpath.is_file() or file_digest(vpath) != data["val_sha256"]:
-            raise CharlmError(f"cannot resume: the validation token file {vpath} is missing or changed")
-        vals = open_tokens(vpath, data["dtype"])
+        vpath = run_file(run_dir, data["val_tokens"], "validation token file")
+        vals = open_run_tokens(vpath, data.get("dtype"), data.get("val_sha256"), V, "validation token file")
         return ids, np.concatenate([[ck.vocab.eos_id], vals]).astype(ids.dtype)
-    n = data["n_train"]
+    n = data.get("n_train")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(ids):
+        raise CharlmError(f"cannot resume: {ck.path} gives n_train {str(n)[:40]}, not a count within the "
+                          f"{len(ids)} tokens of {path}")
     return ids[:n], ids[n:]
 
 
@@ -111,16 +114,47 @@ class Start:
     corpus_name: str
     resume: ckpt_mod.Checkpoint | None = None
     init_from: ckpt_mod.Checkpoint | None = None
+    lock: RunLock | None = None  # held until the run ends (the training loop releases it)
+    notes: list = field(default_factory=list)  # what the user should know, as note messages
+
+
+def _lock(run_dir: Path) -> RunLock | None:
+    """This process's lock on the run folder (rank 0 alone writes, so it alone locks)."""
+    from .. import dist
+    return lock_run_dir(run_dir) if dist.rank() == 0 else None
+
+
+def _cleaned(run_dir: Path) -> list[str]:
+    """Remove what a killed process of this run left (under the lock: nobody else is writing); the note."""
+    removed = ckpt_mod.remove_stale_temporaries(run_dir)
+    if not removed:
+        return []
+    return [f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} left in {run_dir} by an "
+            f"interrupted run ({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})"]
 
 
 def resumed(ck: ckpt_mod.Checkpoint, train_cfg: TrainConfig, run_dir: str | Path | None) -> Start:
-    """A resumed run: the checkpoint's configuration with train_cfg's budget, and its own token files."""
+    """A resumed run: the checkpoint's configuration with train_cfg's budget, and its own token files.
+    Locks the run folder first (CharlmError if another process holds it)."""
+    from .memory import check_memory
     run_dir = Path(ck.path).parent if run_dir is None else Path(run_dir)
     base = ck.train or train_cfg
     tcfg = TrainConfig(**{**base.to_dict(), "steps": train_cfg.steps, "epochs": train_cfg.epochs,
                           "minutes": train_cfg.minutes})
-    train_ids, val_ids = _reopen_tokens(ck, run_dir)
-    return Start(run_dir, ck.model, tcfg, ck.vocab, train_ids, val_ids, dict(ck.data), ck.corpus, resume=ck)
+    check_memory(ck.model, tcfg)
+    lock = _lock(run_dir)
+    try:
+        notes = _cleaned(run_dir) if lock is not None else []  # rank 0 alone writes, so it alone cleans
+        train_ids, val_ids = _reopen_tokens(ck, run_dir)
+        wpe = Batches(train_ids, tcfg.seq_len, tcfg.batch).windows_per_epoch
+        if ck.window > wpe:
+            raise CharlmError(f"cannot resume: {ck.path} is at window {ck.window} of an epoch of {wpe} windows")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Start(run_dir, ck.model, tcfg, ck.vocab, train_ids, val_ids, dict(ck.data), ck.corpus, resume=ck,
+                 lock=lock, notes=notes)
 
 
 def new_run(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir: str | Path, *, val_text,
@@ -132,17 +166,24 @@ def new_run(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_d
     if source is None:
         raise CharlmError("no corpus given")
     run_dir = Path(run_dir)
-    created = _create_run_dir(run_dir)
+    from .memory import check_memory
+    created, lock = _create_run_dir(run_dir)
     try:
+        for message in _cleaned(run_dir):
+            yield {"event": "note", "message": message}
         vocab, train_ids, val_ids, data, oov = _prepare_tokens(
             source, val_source, train_cfg, run_dir, init_from.vocab if init_from else None)
         if len(train_ids) == 0:
             raise CharlmError("the corpus is empty; give a text file with some content")
         Batches(train_ids, train_cfg.seq_len, train_cfg.batch)  # too short: fail before anything is kept
         oov_note = _oov_note(oov, vocab, strict_vocab, init_from)
+        check_memory(init_from.model if init_from else ModelConfig(**{**model_cfg.to_dict(), "vocab_size": len(vocab)}),
+                     train_cfg)
     except BaseException:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
+        if lock is not None:
+            lock.release()
         raise
     if oov_note:
         yield {"event": "note", "message": oov_note}
@@ -154,21 +195,31 @@ def new_run(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_d
         mcfg = init_from.model
     else:
         mcfg = ModelConfig(**{**model_cfg.to_dict(), "vocab_size": len(vocab)})
-    return Start(run_dir, mcfg, train_cfg, vocab, train_ids, val_ids, data, corpus_name, init_from=init_from)
+    return Start(run_dir, mcfg, train_cfg, vocab, train_ids, val_ids, data, corpus_name, init_from=init_from,
+                 lock=lock)
 
 
-def _create_run_dir(run_dir: Path) -> Path | None:
-    """Make a new run's folder, refusing one that holds a run; the first folder created (None: it existed)."""
-    if (run_dir / ckpt_mod.LATEST).exists() or (run_dir / ckpt_mod.BEST).exists():
-        raise CharlmError(f"{run_dir} already holds a run's checkpoints; continue it with --resume {run_dir}, "
-                          f"or give a new --out")
+def _create_run_dir(run_dir: Path) -> tuple[Path | None, RunLock | None]:
+    """Make a new run's folder and lock it, refusing one that holds a run or that another process is
+    using; (the first folder created, None if it existed; the lock)."""
+    def refuse_a_run():
+        if (run_dir / ckpt_mod.LATEST).exists() or (run_dir / ckpt_mod.BEST).exists():
+            raise CharlmError(f"{run_dir} already holds a run's checkpoints; continue it with --resume {run_dir}, "
+                              f"or give a new --out")
     created = next((p for p in [*reversed(run_dir.absolute().parents), run_dir.absolute()]
                     if not p.exists()), None)  # the first folder this run creates, removed on failure
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CharlmError(f"cannot create output folder {run_dir}: {e.strerror}") from None
-    return created
+    lock = _lock(run_dir)  # refused: another process made or uses the folder; new_run then leaves it alone
+    try:
+        refuse_a_run()  # under the lock: a run in progress is named by the lock, a finished one here
+    except CharlmError:
+        if lock is not None:
+            lock.release()
+        raise
+    return created, lock
 
 
 def _oov_note(oov: dict, vocab: Vocab, strict_vocab: bool, init_from: ckpt_mod.Checkpoint | None) -> str | None:
