@@ -37,7 +37,7 @@ MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = 450
 
 # (group, rank) of each part of the package
-BASE = ("config", "errors", "runtime")
+BASE = ("config", "errors", "runtime", "dist")
 PEERS = {("optim", "kernels")}  # (importer group, imported group) allowed at equal rank
 CLI_ONLY = ("typer", "rich")
 NUMBA_AT_MODULE_LEVEL = ("kernels", "lm", "qa")           # groups

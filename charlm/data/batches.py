@@ -33,6 +33,17 @@ class Batches:
         self.L = (len(ids) - 1) // self.N
         self.windows_per_epoch = self.L // self.T
         self._offsets = (np.arange(self.N) * self.L)[None, :] + np.arange(self.T)[:, None]  # (T, N)
+        self.lo, self.hi = 0, self.N  # the streams window() gives (one process: all of them)
+
+    @property
+    def local(self) -> int:
+        """How many streams window() gives: N, or this process's block of them (shard)."""
+        return self.hi - self.lo
+
+    def shard(self, lo: int, hi: int) -> None:
+        """From now on window() gives streams lo..hi-1 only (one process's block of N under MPI)."""
+        self.lo, self.hi = lo, hi
+        self._offsets = np.ascontiguousarray(self._offsets[:, lo:hi])
 
     def window(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         idx = self._offsets + k * self.T

@@ -14,7 +14,8 @@ Events (key "event"):
   nonfinite  {"step", "lr"}                                update skipped, learning rate halved
   eval       {"step", "train_loss", "val_loss", "val_bpc", "val_ppl", "tokens_per_s", "sample", "best"}
   saved      {"path"}
-  done       {"steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "best_val_ppl", "checkpoint", "latest", "reason"}
+  done       {"steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "best_val_ppl", "checkpoint", "latest", "reason",
+              "best_step", "val_absurd"}   val_absurd: the best validation loss is over twice a uniform guess's
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import checkpoint as ckpt_mod
+from .info import done_validation
+from . import shard
+from .. import dist
 from ..config import ModelConfig, TrainConfig
 from ..data import Batches, Vocab, eval_windows
 from ..errors import CharlmError
@@ -111,13 +115,20 @@ def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir
     The run's options as the command line takes them: charlm.lm.run.train().
     """
     if resume is not None:
-        start = resumed(resume, train_cfg, run_dir)
+        start = resumed(resume, train_cfg, run_dir)  # locks the run folder, as new_run does
     else:
-        start = yield from new_run(corpus, model_cfg, train_cfg, run_dir, val_text=val_text, init_from=init_from,
-                                    strict_vocab=strict_vocab, corpus_name=corpus_name)
-    trainer = yield from _Trainer.begin(start, sample_chars=sample_chars, sample_temp=sample_temp,
-                                        checkpoint_every=checkpoint_every, should_stop=should_stop, clock=clock)
-    yield from trainer.loop()
+        begin = shard.new_run if dist.size() > 1 else new_run  # under MPI rank 0 alone tokenises
+        start = yield from begin(corpus, model_cfg, train_cfg, run_dir, val_text=val_text, init_from=init_from,
+                                 strict_vocab=strict_vocab, corpus_name=corpus_name)
+    try:
+        for message in start.notes:
+            yield {"event": "note", "message": message}
+        trainer = yield from _Trainer.begin(start, sample_chars=sample_chars, sample_temp=sample_temp,
+                                            checkpoint_every=checkpoint_every, should_stop=should_stop, clock=clock)
+        yield from trainer.loop()
+    finally:
+        if start.lock is not None:
+            start.lock.release()  # the kernel would on exit; a library caller may start another run
 
 
 def _start_notes(s: Start, batches: Batches) -> Iterator[dict]:
@@ -141,7 +152,7 @@ def _initial_model(s: Start) -> BaseModel:
     return create_model(s.model_cfg, seed=s.train_cfg.seed)
 
 
-def _resume_run(ck: ckpt_mod.Checkpoint, opt, rng: np.random.Generator, state, lr: float) -> _Run:
+def _resume_run(ck: ckpt_mod.Checkpoint, opt, rng: np.random.Generator, state, lr: float, batches: Batches) -> _Run:
     """Put a checkpoint's optimizer state, RNG and carried state back; its counters as a _Run."""
     opt.load_state(ck.optimizer, ck.opt_arrays)
     rng.bit_generator.state = ck.rng
@@ -150,9 +161,9 @@ def _resume_run(ck: ckpt_mod.Checkpoint, opt, rng: np.random.Generator, state, l
                best_val=ck.best_val_loss, history=list(ck.history), tokens=int(c.get("tokens", 0)),
                train_seconds=float(c.get("train_seconds", 0.0)), clipped=int(c.get("clipped", 0)),
                grad_norms=array("f", [] if ck.grad_norms is None else ck.grad_norms.tolist()))
-    if "h" in ck.state and ck.state["h"].shape == state.h.shape:
-        state.h[...] = ck.state["h"]
-        state.c[...] = ck.state["c"]
+    if "h" in ck.state and ck.state["h"].shape[1:] == (batches.N, state.h.shape[2]):  # all streams, whatever K
+        state.h[...] = ck.state["h"][:, batches.lo:batches.hi]
+        state.c[...] = ck.state["c"][:, batches.lo:batches.hi]
     return run
 
 
@@ -165,7 +176,9 @@ class _Trainer:
                  should_stop: Callable[[], bool], clock: Callable[[], float]):
         self.s, self.cfg, self.batches, self.model, self.opt = s, s.train_cfg, batches, model, opt
         self.rng, self.run, self.state = rng, run, state
-        self.grads = model.zero_grads()
+        # more than one process: the gradients live in one flat buffer, summed over the ranks each step
+        self.sync = shard.GradSync(model, batches.local / batches.N) if dist.size() > 1 else None
+        self.grads = self.sync.grads if self.sync else model.zero_grads()
         self.sample_chars, self.sample_temp, self.checkpoint_every = sample_chars, sample_temp, checkpoint_every
         self.should_stop, self.clock = should_stop, clock
         self.best_path, self.latest_path = s.run_dir / ckpt_mod.BEST, s.run_dir / ckpt_mod.LATEST
@@ -185,15 +198,16 @@ class _Trainer:
     def begin(cls, s: Start, **loop_options):
         """Batches, model, optimizer, RNG and counters for the start (restored on resume).
         A generator: yields notes, returns the _Trainer."""
-        ckpt_mod.remove_stale_temporaries(s.run_dir)  # left by a process of this run killed while saving
         batches = Batches(s.train_ids, s.train_cfg.seq_len, s.train_cfg.batch)
+        if dist.size() > 1:
+            batches.shard(*shard.check_streams(batches.N, s.train_cfg.batch))  # this rank's streams
         yield from _start_notes(s, batches)
         model = _initial_model(s)
         opt = make_optimizer(s.train_cfg.optimizer, model.trainable)
         rng = np.random.default_rng(s.train_cfg.seed)
-        state = model.zero_state(batches.N)
+        state = model.zero_state(batches.local)
         if s.resume is not None:
-            run = _resume_run(s.resume, opt, rng, state, s.train_cfg.lr)
+            run = _resume_run(s.resume, opt, rng, state, s.train_cfg.lr, batches)
         else:
             run = _Run(lr=s.train_cfg.lr)
         return cls(s, batches, model, opt, rng, run, state, **loop_options)
@@ -204,6 +218,8 @@ class _Trainer:
         yield from self._start()
         while not self._over():
             yield from self._step()
+        if not all(np.isfinite(p).all() for p in self.model.trainable.values()):
+            yield from self._guard()  # the last update overflowed the weights: back to the last good ones
         run = self.run
         if run.step == self.first_step or not run.history or run.history[-1]["step"] != run.step:
             yield from self._evaluate()
@@ -222,10 +238,15 @@ class _Trainer:
                "params": int(n_params), "resumed": s.resume is not None}
         self.started = self.clock()
         self.snapshot = _snapshot(self.model, self.opt, self.state, self.run.step)
+        if s.resume is not None and s.resume.guard:  # the guard as it was: resume stays exact through it
+            self.snapshot, self.halvings, self.nonfinite_run = _guard_of(s.resume, self.snapshot)
 
     def _over(self) -> bool:
         if self.total_steps and self.run.step >= self.total_steps:
             return True
+        if self.sync is not None:  # the ranks agree: the flags were summed with the last step's gradients
+            self.reason = "interrupted" if self.sync.stop and not self.sync.deadline else self.reason
+            return self.sync.stop or self.sync.deadline
         if self.deadline and self.clock() - self.started >= self.deadline:
             return True
         if self.should_stop():
@@ -239,10 +260,15 @@ class _Trainer:
         if run.window >= self.wpe:
             run.window = 0
             run.epoch += 1
-            self.state = model.zero_state(self.batches.N)
+            self.state = model.zero_state(self.batches.local)
         x, y = self.batches.window(run.window)
         ts = self.clock()
-        loss, new_state = model.loss_and_grads(x, y, self.state, self.grads, self.rng)
+        # dropout masks by stream and step, never by rank: K processes draw what one draws
+        noise = shard.StreamDropout(cfg.seed, run.step, self.batches.lo) if model.cfg.dropout > 0 else self.rng
+        loss, new_state = model.loss_and_grads(x, y, self.state, self.grads, noise)
+        if self.sync is not None:
+            late = bool(self.deadline) and self.clock() - self.started >= self.deadline
+            loss = self.sync.reduce(loss, x.size, self.should_stop(), late)
         norm = grad_norm(self.grads)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             yield from self._guard()
@@ -258,7 +284,7 @@ class _Trainer:
         self.opt.step(model.trainable, self.grads, run.lr, scale)
         self.state = new_state
         run.train_seconds += self.clock() - ts
-        run.tokens += x.size
+        run.tokens += x.shape[0] * self.batches.N  # the global batch's
         run.step += 1
         run.window += 1
         self.since_eval_loss += loss
@@ -278,7 +304,7 @@ class _Trainer:
         self.nonfinite_run += 1
         self.halvings += 1
         run.lr *= 0.5
-        self.state = _restore(self.snapshot, self.model, self.opt, self.batches.N)
+        self.state = _restore(self.snapshot, self.model, self.opt, self.batches.local)
         yield {"event": "nonfinite", "step": run.step, "lr": run.lr, "restored_step": self.snapshot["step"]}
         if self.nonfinite_run >= MAX_NONFINITE or self.halvings >= MAX_HALVINGS:
             latest = self.latest_path
@@ -286,7 +312,7 @@ class _Trainer:
             what = (f"after {MAX_NONFINITE} tries in a row" if self.nonfinite_run >= MAX_NONFINITE
                     else f"{MAX_HALVINGS} times (the gradients are exploding)")
             raise CharlmError(f"the loss was not finite {what}, each time with a halved learning rate; "
-                              f"start again with a lower --lr or with clipping (--clip 5), e.g. charlm train CORPUS "
+                              f"start again with a lower --lr {'or with clipping (--clip 5)' if not self.cfg.clip else f'(clipping at --clip {self.cfg.clip:g} did not prevent it)'}, e.g. charlm train CORPUS "
                               f"--init-from {latest} --lr {run.lr:g} (the last good weights are in {latest})")
 
     def _rate(self) -> float:
@@ -296,7 +322,8 @@ class _Trainer:
     def _evaluate(self) -> Iterator[dict]:
         """Validation loss, history, a sample; save latest.npz, and best.npz if it improved."""
         run, s = self.run, self.s
-        val = evaluate(self.model, s.val_ids, self.cfg.seq_len, self.batches.N) if len(s.val_ids) >= 2 else float("nan")
+        score = shard.evaluate if self.sync else evaluate  # more than one process: the streams split over ranks
+        val = score(self.model, s.val_ids, self.cfg.seq_len, self.batches.N) if len(s.val_ids) >= 2 else float("nan")
         train_loss = self.since_eval_loss / self.since_eval_n if self.since_eval_n else float("nan")
         self.since_eval_loss, self.since_eval_n = 0.0, 0
         improved = math.isfinite(val) and (run.best_val is None or val < run.best_val)
@@ -306,7 +333,7 @@ class _Trainer:
                             "val_loss": val if math.isfinite(val) else None,
                             "clipped": run.clipped, "lr": run.lr})
         sample = ""
-        if self.sample_chars > 0:
+        if self.sample_chars > 0 and dist.rank() == 0:
             from .sample import generate
             sample = "".join(generate(self.model, s.vocab, self.sample_chars, temperature=self.sample_temp,
                                       seed=run.step))
@@ -314,22 +341,39 @@ class _Trainer:
                "val_bpc": val / LN2, "val_ppl": safe_exp(val) if math.isfinite(val) else float("nan"),
                "tokens_per_s": self._rate(), "sample": sample, "best": improved}
         yield from self._save(self.latest_path)
-        if improved or not (self.best_path.exists() or math.isfinite(val)):
+        need_best = improved or not (self.best_path.exists() or math.isfinite(val))
+        if dist.bcast(need_best) if self.sync else need_best:  # rank 0's files decide
             yield from self._save(self.best_path)
+
+    def _guard_record(self) -> dict:
+        """The guard's state as a checkpoint keeps it: its counters, and its snapshot unless that is
+        the checkpoint's own weights (taken at this very step, as at the start of a session)."""
+        snap = self.snapshot
+        if not snap:
+            return {}
+        guard = {"step": snap["step"], "t": snap["t"], "halvings": self.halvings, "nonfinite_run": self.nonfinite_run}
+        if snap["step"] == self.run.step and snap["t"] == self.opt.t:
+            return {"guard": guard}
+        arrays = {f"param/{n}": a for n, a in snap["params"].items()}
+        arrays.update({f"opt/{n}": a for n, a in snap["opt"].items()})
+        return {"guard": guard, "guard_arrays": arrays}
 
     def _save(self, path: Path) -> Iterator[dict]:
         model, run, s = self.model, self.run, self.s
         if not all(np.isfinite(p).all() for p in model.params.values()):
             yield {"event": "note", "message": f"not saving {path}: the weights are not finite"}
             return
+        state = shard.full_state(self.state, self.batches.N) if self.sync else self.state  # every stream's
+        if state is None:
+            return  # not rank 0: rank 0 alone writes files
         ck = ckpt_mod.Checkpoint(
             model=s.model_cfg, vocab=s.vocab, params=model.params, train=self.cfg,
             optimizer={**self.opt.state_meta(), "lr": run.lr}, opt_arrays=self.opt.state_arrays(),
-            state={"h": self.state.h, "c": self.state.c}, step=run.step, epoch=run.epoch, window=run.window,
+            state={"h": state.h, "c": state.c}, step=run.step, epoch=run.epoch, window=run.window,
             best_val_loss=run.best_val, rng=self.rng.bit_generator.state, history=run.history,
             corpus=s.corpus_name, data=s.data,
             counters={"tokens": run.tokens, "train_seconds": run.train_seconds, "clipped": run.clipped},
-            grad_norms=np.frombuffer(run.grad_norms, dtype=np.float32).copy())
+            grad_norms=np.frombuffer(run.grad_norms, dtype=np.float32).copy(), **self._guard_record())
         ckpt_mod.save(ck, path)
         yield {"event": "saved", "path": str(path)}
 
@@ -341,10 +385,12 @@ class _Trainer:
                 "tokens_per_s": self._rate(),
                 "best_val_bpc": run.best_val / LN2 if run.best_val is not None else None,
                 "best_val_ppl": safe_exp(run.best_val) if run.best_val is not None else None,
-                "level": self.cfg.level, "checkpoint": str(self.best_path), "latest": str(self.latest_path),
+                "level": self.cfg.level,  # never a file that was not written (the weights may never have been finite)
+                "checkpoint": str(self.best_path) if self.best_path.exists() else None,
+                "latest": str(self.latest_path) if self.latest_path.exists() else None,
                 "reason": self.reason, "clipped_fraction": run.clipped / run.step if run.step else 0.0,
                 "grad_norm_median": float(np.median(norms)) if run.grad_norms else None,
-                "run_dir": str(self.s.run_dir)}
+                "run_dir": str(self.s.run_dir), **done_validation(run.history, run.best_val, len(self.s.vocab))}
 
 
 SNAPSHOT_EVERY = 100
@@ -354,6 +400,18 @@ def _snapshot(model: BaseModel, opt, state, step: int = 0) -> dict:
     """In-memory copy of the last good weights and optimizer state."""
     return {"step": step, "params": {k: v.copy() for k, v in model.trainable.items()},
             "opt": {k: v.copy() for k, v in opt.state_arrays().items()}, "t": opt.t}
+
+
+def _guard_of(ck: ckpt_mod.Checkpoint, own: dict) -> tuple[dict, int, int]:
+    """The guard a checkpoint saved: (its snapshot, else `own`, the checkpoint's weights; halvings;
+    non-finite steps in a row)."""
+    g = ck.guard
+    snapshot = own
+    if ck.guard_arrays:
+        snapshot = {"step": g["step"], "t": g["t"],
+                    "params": {n[6:]: a.copy() for n, a in ck.guard_arrays.items() if n.startswith("param/")},
+                    "opt": {n[4:]: a.copy() for n, a in ck.guard_arrays.items() if n.startswith("opt/")}}
+    return snapshot, int(g.get("halvings", 0)), int(g.get("nonfinite_run", 0))
 
 
 def _restore(snapshot: dict, model: BaseModel, opt, streams: int):

@@ -36,6 +36,12 @@ class QATrainConfig:
     runs: int = 1                 # independent runs (initialisations); the best by validation is kept
 
     def __post_init__(self):
+        for name in ("minutes", "lr", "clip", "val_frac", "noise", "fact_weight"):  # NaN passes every comparison
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise CharlmError(f"--{name.replace('_', '-')} must be a finite number, got {str(v)[:40]}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 64:
+            raise CharlmError(f"--seed must be a whole number from 0 to 2**64 - 1, got {str(self.seed)[:40]}")
         if self.epochs < 1:
             raise CharlmError(f"--epochs must be positive, got {self.epochs}")
         if self.minutes < 0:
@@ -61,6 +67,42 @@ class QATrainConfig:
         return asdict(self)
 
 
+def check_memory(cfg: QAConfig, tcfg: QATrainConfig) -> None:
+    """CharlmError before anything is allocated if the model cannot fit: its parameters counted from the
+    configuration, times the copies training keeps (gradients, Adam's moments, the best epoch's copy)."""
+    from ..runtime import machine_memory
+    d, H, V, M, A = cfg.dim, cfg.gru_hidden, cfg.vocab_size, cfg.memory_size, cfg.n_answers
+    per_hop = V * d + M * d + len(cfg.directions) * (3 * H * (d + H + 2))
+    n = (cfg.hops + 1) * per_hop + (cfg.hops - 1) * (2 * cfg.relative + 1) * d + 2 * A * d
+    n += cfg.mlp * ((cfg.hops + 1) * d + 1 + A)
+    need = 4 * 6 * n + 4 * tcfg.batch * M * d * (cfg.hops + 1) * 4  # six copies; a batch's activations
+    have, who = machine_memory()
+    if need > have:
+        raise CharlmError(f"this model needs ~{need / 2**30:.1f} GiB of memory to train; {who} {have / 2**30:.1f} "
+                          f"GiB: lower --dim, --hops or --memory-size")
+
+
+def preflight(questions: list, cfg: QAConfig, tcfg: QATrainConfig, out_dir: str | None) -> None:
+    """train()'s checks of memory and output folder, made at once (train() is a generator: a caller showing
+    progress would otherwise have started its display)."""
+    cfg = QAConfig(**{**cfg.to_dict(), "vocab_size": len(babi.build_vocab(questions)),
+                      "n_answers": len(babi.build_answers(questions))})
+    check_memory(cfg, tcfg)
+    if out_dir is not None:
+        check_writable(out_dir)
+
+
+def check_writable(folder: str) -> None:
+    """The folder exists (made if need be) and takes a new file: CharlmError now rather than after training."""
+    import tempfile
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise CharlmError(f"cannot write the model into {folder}: {e.strerror or e}") from None
+
+
 def _accuracy(params, cfg, enc, linear, batch=256) -> tuple[float, float]:
     """(mean answer loss, accuracy) over enc; unknown answers count as wrong (and not in the loss)."""
     correct = 0
@@ -77,13 +119,14 @@ def _accuracy(params, cfg, enc, linear, batch=256) -> tuple[float, float]:
 
 def train(questions: list, cfg: QAConfig, tcfg: QATrainConfig, out_dir: str | None = None,
           source: str = "", should_stop: Callable[[], bool] | None = None,
-          dtype=np.float32) -> Iterator[dict]:
+          dtype=np.float32, only_runs: list[int] | None = None) -> Iterator[dict]:
     """Train on parsed bAbI questions; keep the parameters with the best validation accuracy
     (ties: lower validation loss) among the epochs with the attention softmax.
 
     Yields {"event": "start", ...}, one {"event": "epoch", ...} per epoch and a last
     {"event": "done", ...}; the model is saved to out_dir/best.npz when out_dir is given
     (the done event carries it as "checkpoint") and always returned in done["model"].
+    only_runs: train only these of the runs 0..runs-1, each exactly as in the full series (charlm.qa.spread).
     """
     rng = np.random.default_rng(tcfg.seed)
     order = rng.permutation(len(questions))
@@ -97,6 +140,9 @@ def train(questions: list, cfg: QAConfig, tcfg: QATrainConfig, out_dir: str | No
     vocab = babi.build_vocab(questions)
     answers = babi.build_answers(train_q)
     cfg = QAConfig(**{**cfg.to_dict(), "vocab_size": len(vocab), "n_answers": len(answers)})
+    check_memory(cfg, tcfg)
+    if out_dir is not None:
+        check_writable(out_dir)  # before the training, not after it
     tr = encode(train_q, vocab, answers, cfg.memory_size)
     va = encode(val_q, vocab, answers, cfg.memory_size) if val_q else None
     sup = tcfg.fact_weight if tcfg.supervise_facts else 0.0
@@ -107,7 +153,7 @@ def train(questions: list, cfg: QAConfig, tcfg: QATrainConfig, out_dir: str | No
            "answers": len(answers), "epochs": tcfg.epochs, "runs": tcfg.runs, "config": cfg.to_dict()}
     t0 = time.perf_counter()
     best, run_best, total = None, [], 0
-    for run in range(tcfg.runs):
+    for run in range(tcfg.runs) if only_runs is None else only_runs:
         budget = 60 * tcfg.minutes / tcfg.runs if tcfg.minutes else math.inf
         # the split above stays; each run draws its own initialisation, batches and noise
         run_rng = rng if run == 0 else np.random.default_rng([tcfg.seed, run])
@@ -267,6 +313,9 @@ def suite(folder: str, tasks: list[int], cfg: QAConfig, tcfg: QATrainConfig, out
         raise CharlmError(f"{folder} lacks the train/test files of task{'s' if len(missing) > 1 else ''} "
                           f"{', '.join(map(str, missing))}")
     choices = [(c[0], c[1], c[2] if len(c) > 2 else cfg.hops) for c in (choices or [(cfg.encoder, tcfg.runs)])]
+    from .. import dist
+    if dist.size() > 1:  # under MPI: the tasks' runs spread over the ranks, the same table at the end
+        return _spread(files, tasks, cfg, tcfg, out_dir, should_stop, choices)
     return _suite(files, tasks, cfg, tcfg, out_dir, should_stop, choices)
 
 
@@ -299,20 +348,38 @@ def _suite(files, tasks, cfg, tcfg, out_dir, should_stop, choices):
         if task_out is not None:
             ck.path = str(Path(task_out) / BEST)
             save(ck, ck.path)
-        r = evaluate(done["model"], test_q)
-        ref = REFERENCE.get(t)
-        row = {"task": t, "name": f["name"], "test_error_pct": r["error_pct"], "n_test": r["n_questions"],
-               "encoder": ck.config.encoder, "hops": ck.config.hops, "best_val_acc": done["best_val_acc"], "val_acc_by_encoder": by_encoder,
-               "epochs": done["epochs"], "seconds": seconds,
-               "ref_lstm": ref[0] if ref else None, "ref_memnn": ref[1] if ref else None,
-               "ref_memn2n": ref[2] if ref else None}
+        row = _row(t, f["name"], evaluate(done["model"], test_q), ck, done, by_encoder, seconds)
         rows.append(row)
         yield {"event": "task", **row}
         if should_stop and should_stop():
             break
+    yield _summary(rows, time.perf_counter() - t0, tcfg, choices)
+
+
+def _row(t, name, r, ck, done, by_encoder, seconds) -> dict:
+    """A task's line of the table: test result r of the kept model (checkpoint ck, its training's done)."""
+    ref = REFERENCE.get(t)
+    return {"task": t, "name": name, "test_error_pct": r["error_pct"], "n_test": r["n_questions"],
+            "encoder": ck.config.encoder, "hops": ck.config.hops, "best_val_acc": done["best_val_acc"],
+            "val_acc_by_encoder": by_encoder, "epochs": done["epochs"], "seconds": seconds,
+            "ref_lstm": ref[0] if ref else None, "ref_memnn": ref[1] if ref else None,
+            "ref_memn2n": ref[2] if ref else None}
+
+
+def _summary(rows, seconds, tcfg, choices) -> dict:
     errs = [r["test_error_pct"] for r in rows]
-    yield {"event": "suite", "tasks": rows, "mean_error_pct": float(np.mean(errs)) if errs else None,
-           "failed": sum(e > FAIL_PCT for e in errs), "n_tasks": len(rows), "seconds": time.perf_counter() - t0,
-           "encoder": ",".join(dict.fromkeys(e for e, _, _ in choices)),
-           "runs": [r for _, r, _ in choices], "hops": sorted({h for _, _, h in choices}),
-           "supervise_facts": tcfg.supervise_facts}
+    return {"event": "suite", "tasks": rows, "mean_error_pct": float(np.mean(errs)) if errs else None,
+            "failed": sum(e > FAIL_PCT for e in errs), "n_tasks": len(rows), "seconds": seconds,
+            "encoder": ",".join(dict.fromkeys(e for e, _, _ in choices)),
+            "runs": [r for _, r, _ in choices], "hops": sorted({h for _, _, h in choices}),
+            "supervise_facts": tcfg.supervise_facts}
+
+
+def _spread(files, tasks, cfg, tcfg, out_dir, should_stop, choices):
+    from .spread import spread_suite
+    for ev in spread_suite(files, tasks, cfg, tcfg, out_dir, should_stop, choices, train=train, evaluate=evaluate,
+                           row_of=_row):
+        if ev["event"] == "rows":
+            yield _summary(ev["rows"], ev["seconds"], tcfg, choices)
+        else:
+            yield ev
