@@ -134,7 +134,8 @@ def test_errors_are_charlm_errors_worded_for_the_library(char_run, tmp_path):
     with pytest.raises(CharlmError, match="model not found"):
         charlm.load(tmp_path / "missing.npz")
     lm = charlm.load(char_run)
-    for kwargs, word in [({"length": 0}, "length"), ({"temperature": 0}, "temperature"), ({"top_k": -1}, "top_k")]:
+    for kwargs, word in [({"length": 0}, "length"), ({"temperature": -1}, "temperature"), ({"top_k": -1}, "top_k"),
+                         ({"top_p": 0}, "top_p"), ({"repetition_penalty": 0}, "repetition_penalty")]:
         with pytest.raises(CharlmError, match=f"^{word} must be"):
             lm.stream(**kwargs)  # checked at the call, not at the first chunk
     with pytest.raises(CharlmError, match="threads"):

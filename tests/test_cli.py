@@ -241,7 +241,7 @@ def test_a_working_hand_made_checkpoint_is_accepted(run_cli, tmp_path):
 
 
 @pytest.mark.parametrize("option, value", [
-    ("--temp", "0"), ("--temp", "-0.5"), ("--length", "0"), ("--length", "-3"), ("--top-k", "-1")])
+    ("--temp", "-0.5"), ("--length", "0"), ("--length", "-3"), ("--top-k", "-1")])
 def test_sample_rejects_non_positive_values(run_cli, option, value):
     failed(run_cli("sample", option, value), option, "positive")
 

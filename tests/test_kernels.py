@@ -457,7 +457,7 @@ def test_log_softmax_gather(dtype, rng):
 
 # ------------------------------------------------------------------ common: draw_token
 def draw(logits, temperature=1.0, top_k=0, greedy=False, u=0.5):
-    return layers.draw_token(logits, temperature, top_k, greedy, u, np.empty(logits.shape[0]))
+    return layers.draw_token(logits, temperature, top_k, 1.0, greedy, u, np.empty(logits.shape[0]))
 
 
 def test_draw_token_greedy_and_top1_are_argmax(rng):
@@ -518,8 +518,9 @@ def stack_arrays(cell, params, L, dtype=np.float64):
 
 def run_sample(cell, arrays, h, c, prime, uniforms, K, temperature=1.0, top_k=0, greedy=False):
     out = np.full(K, -1, dtype=np.int64)
-    sample.stack_sample(out, h, c, np.asarray(prime, dtype=np.int64), np.asarray(uniforms, np.float64),
-                        sample.CELL_CODES[cell], *arrays, temperature, top_k, greedy)
+    sample.stack_sample(out, np.empty(K), h, c, np.zeros(V, np.uint8), np.asarray(prime, dtype=np.int64),
+                        np.asarray(uniforms, np.float64), sample.CELL_CODES[cell], *arrays, temperature, top_k, 1.0,
+                        1.0, greedy)
     return out
 
 
@@ -660,8 +661,8 @@ def test_stack_sample_does_not_depend_on_the_thread_split(cell, parts, rng):
         assert arrays[3].shape[1] == min(p, 2)  # WhhT (L, P, H, G wmax): 37 units make 2 parts at most
         h, c = h0.copy(), c0.copy()
         out = np.full(40, -1, dtype=np.int64)
-        sample.stack_sample(out, h, c, np.array([3, 1, 4], dtype=np.int64), u, sample.CELL_CODES[cell], *arrays,
-                            1.0, 0, False, p)
+        sample.stack_sample(out, np.empty(40), h, c, np.zeros(V_, np.uint8), np.array([3, 1, 4], dtype=np.int64), u,
+                            sample.CELL_CODES[cell], *arrays, 1.0, 0, 1.0, 1.0, False, p)
         results.append((out, h, c))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])

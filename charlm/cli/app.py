@@ -6,25 +6,62 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
 from .common import err, unwrap_help
+from .export import export_cmd
 from .grads import grads_cmd
+from .info import info_cmd, plot_cmd
 from .qa import qa_app
 from .train import train_cmd
 from .use import eval_cmd, sample_cmd, score_cmd
 
+def _no_flag_placeholders() -> None:
+    """Typer 0.29 shows each option's type in --help ("<int>"), flags included: "--json <bool>" reads
+    as if the flag took a value. Flags show no type."""
+    from typer.core import TyperOption
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_charlm", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+    display_type_rich._charlm = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_flag_placeholders()
+
 app = typer.Typer(
     help="Train recurrent language models (RNN, GRU, LSTM) on your text, sample from them, and score text "
          "by the chain rule.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+        print(f"charlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.",
+                                                callback=_version, is_eager=True)] = False):
+    pass
+
+
 app.command("train")(train_cmd)
 app.command("sample")(sample_cmd)
 app.command("score")(score_cmd)
 app.command("eval")(eval_cmd)
 app.command("grads")(grads_cmd)
+app.command("info")(info_cmd)
+app.command("plot")(plot_cmd)
+app.command("export")(export_cmd)
 app.add_typer(qa_app, name="qa")
 
 
@@ -47,6 +84,7 @@ def main():
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
     try:
+        _quiet_unless_rank_0()
         app()
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -57,3 +95,11 @@ def main():
         err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} "
                   f"(set CHARLM_DEBUG=1 to see the traceback, and please report it)")
         sys.exit(1)
+
+
+def _quiet_unless_rank_0() -> None:
+    """Under MPI every rank runs the command and rank 0 alone prints: the others' output goes nowhere
+    (charlm.dist.abort still reaches the terminal, through sys.__stderr__)."""
+    from .. import dist
+    if dist.launched() and dist.rank() != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")

@@ -19,6 +19,9 @@ err = Console(stderr=True, highlight=False)
 
 
 def fail(message: str, code: int = 1):
+    from .. import dist
+    if dist.launched() and dist.rank() != 0:  # under MPI every rank has the same error; rank 0 says it
+        raise typer.Exit(code)
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 

@@ -55,7 +55,7 @@ def grads_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table (see above).")] = False,
     plot_file: Annotated[Optional[str], typer.Option(
         "--plot", help='Also write a PNG of the curves (log scale, all models on one figure); needs matplotlib: '
-                       'pip install "charlm[plot]".', show_default=False)] = None,
+                       'pip install "charlm\\[plot]".', show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option(help="Threads to compute with. Default: every core.",
                                                    show_default=False)] = None,
 ):

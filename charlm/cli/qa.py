@@ -99,7 +99,7 @@ def train_cmd(
     from .common import limit_threads, StopFlag, err, fail, out
     from ..lm.run import run_dir_name
     from ..qa import babi
-    from ..qa.train import train
+    from ..qa.train import preflight, train
     try:
         cfg, tcfg = _configs(encoder, dim, hops, memory_size, epochs, minutes, batch, lr, optimizer, clip,
                              anneal_every, val_frac, linear_start, noise, supervise_facts, runs, seed,
@@ -107,6 +107,7 @@ def train_cmd(
         questions = babi.read(file)
         name = "stdin" if file == "-" else Path(file).name
         run_dir = Path(out_dir) if out_dir else run_dir_name(name, f"qa-{encoder}")
+        preflight(questions, cfg, tcfg, str(run_dir))  # memory and folder, before the progress display
         with StopFlag() as stop, limit_threads(threads):
             events = train(questions, cfg, tcfg, str(run_dir), source=name, should_stop=stop)
             done = _render_train(events, as_json, tcfg.epochs, tcfg.runs)
@@ -156,11 +157,31 @@ def _render_train(events, as_json: bool, epochs: int, runs: int) -> dict:
     return done
 
 
+def _load_qa(model: str):
+    """The QA checkpoint --model names or, without it, the most recently written one under models/
+    (run folders holding a language model are passed over)."""
+    from pathlib import Path
+
+    from ..config import models_dir
+    from ..qa.checkpoint import load
+    if model:
+        return load(model)
+    root = Path(models_dir())
+    files = sorted(((f.stat().st_mtime, str(f)) for f in root.glob("*/best.npz")), reverse=True) if root.is_dir() else []
+    for _, f in files:
+        try:
+            return load(f)
+        except CharlmError:
+            continue  # a language model's run, or a damaged file: look further
+    raise CharlmError(f"no trained QA model found under {root}/; train one with `charlm qa train` or pass --model PATH")
+
+
 # ------------------------------------------------------------------ eval
 @qa_app.command("eval")
 def eval_cmd(
     file: Annotated[str, typer.Argument(help="bAbI-format test file ('-' reads standard input).", show_default=False)],
-    model: Annotated[str, typer.Option(help="Model file or run folder (its best.npz).", show_default=False)] = "",
+    model: Annotated[str, typer.Option(help="Model file or run folder (its best.npz). Default: the most recently "
+                                            "written QA model under models/.", show_default=False)] = "",
     as_json: Json = False,
 ):
     """Accuracy and error % of a model on a bAbI-format file (answers it has never seen count as errors).
@@ -169,13 +190,10 @@ def eval_cmd(
     """
     from .common import dumps, fail, out
     from ..qa import babi
-    from ..qa.checkpoint import load
     from ..qa.model import QAModel
     from ..qa.train import evaluate
     try:
-        if not model:
-            raise CharlmError("give the model to evaluate: --model FILE_OR_FOLDER")
-        m = QAModel(load(model))
+        m = QAModel(_load_qa(model))
         r = evaluate(m, babi.read(file))
         if as_json:
             print(dumps({k: r[k] for k in ("n_questions", "accuracy", "error_pct")}))
@@ -195,7 +213,8 @@ def eval_cmd(
 @qa_app.command("ask")
 def ask_cmd(
     question: Annotated[str, typer.Argument(help="The question, e.g. \"Where is Mary?\"", show_default=False)],
-    model: Annotated[str, typer.Option(help="Model file or run folder (its best.npz).", show_default=False)] = "",
+    model: Annotated[str, typer.Option(help="Model file or run folder (its best.npz). Default: the most recently "
+                                            "written QA model under models/.", show_default=False)] = "",
     story: Annotated[Optional[str], typer.Option(help="The story: sentences ending in '.', e.g. \"Mary went to "
                                                       "the kitchen. John went home.\"", show_default=False)] = None,
     story_file: Annotated[Optional[str], typer.Option("--story-file", help="Read the story from a file (one or "
@@ -213,12 +232,9 @@ def ask_cmd(
 
     from .common import dumps, fail, out
     from ..qa import babi
-    from ..qa.checkpoint import load
     from ..qa.model import QAModel
     from ..qa.train import ask
     try:
-        if not model:
-            raise CharlmError("give the model to ask: --model FILE_OR_FOLDER")
         if (story is None) == (story_file is None):
             raise CharlmError("give the story with either --story \"...\" or --story-file FILE")
         if story_file is not None:
@@ -226,7 +242,7 @@ def ask_cmd(
             text = read_text(story_file, what="story file")
         else:
             text = story
-        m = QAModel(load(model))
+        m = QAModel(_load_qa(model))
         r = ask(m, babi.split_story(text), question)
         if as_json:
             print(dumps(r, ensure_ascii=False))

@@ -28,11 +28,30 @@ def print_score_tables(result: dict, word: bool) -> None:
                   + f"   {unit} = {r['bits_per_token']:.4f}   perplexity = {r['perplexity']:.4f}"
                   + f"   tokens = {r['n_tokens']}")
     if len(texts) > 1:
-        total = result["total"]
-        out.print(f"[bold]total[/] over {len(texts)} texts: log10 P = {total['log10prob']:.4f}   "
-                  f"ln P = {total['logprob']:.4f}   tokens = {total['n_tokens']}   OOV = {total['oov']}")
-        out.print(f"Perplexity including OOVs: {total['perplexity']:.4f}")
-        out.print(f"Perplexity excluding OOVs: {total['perplexity_excl_oov']:.4f}")
+        print_score_total(result["total"])
+
+
+def print_score_total(total: dict) -> None:
+    """The corpus totals of several texts (score_many's "total", or a Tally's)."""
+    out.print(f"[bold]total[/] over {total['n_texts']} texts: log10 P = {total['log10prob']:.4f}   "
+              f"ln P = {total['logprob']:.4f}   tokens = {total['n_tokens']}   OOV = {total['oov']}")
+    out.print(f"Perplexity including OOVs: {total['perplexity']:.4f}")
+    out.print(f"Perplexity excluding OOVs: {total['perplexity_excl_oov']:.4f}")
+
+
+# one line per text (score --file / -): fixed-width columns, the text last, as it was read
+_LINE = "{:>12} {:>11} {:>7} {:>5} {:>10}  {}"
+
+
+def score_header(word: bool) -> None:
+    print(_LINE.format("ln P", "log10 P", "tokens", "OOV", "perplexity" if word else "bits/char", "text"))
+
+
+def print_score_line(r: dict, text: str, word: bool) -> None:
+    """One text's totals (score_lines' result) and the text itself, flushed at once."""
+    unit = f"{r['perplexity']:.3f}" if word else f"{r['bits_per_token']:.4f}"
+    print(_LINE.format(f"{r['logprob']:.4f}", f"{r['log10prob']:.4f}", r["n_tokens"], r["oov"], unit, text),
+          flush=True)
 
 
 def _factor_table(r: dict, word: bool, title: str | None) -> Table:

@@ -17,9 +17,13 @@ _DONE_KEYS = ("event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_b
 def render_training(events: Iterable[dict], as_json: bool, quiet: bool, level: str = "char") -> dict:
     """Render the events (as JSON lines, or as progress and a summary table); the "done" event."""
     if as_json:
-        return render_json(events, level)
-    done = render_progress(events, quiet, level)
-    out.print(summary_table(done, level))
+        done = render_json(events, level)
+    else:
+        done = render_progress(events, quiet, level)
+        out.print(summary_table(done, level))
+    if done and done.get("val_absurd"):
+        warn(f"the best validation loss ({done['best_val_bpc']:.4g} bits per token) is worse than guessing "
+             f"uniformly among the vocabulary: the model diverged; try a lower --lr or --clip")
     return done
 
 
@@ -52,9 +56,11 @@ def render_progress(events: Iterable[dict], quiet: bool, level: str = "char") ->
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     unit = "ppl" if level == "word" else "bpc"
+    # the training loss in the validation's unit: bits per character, or perplexity for words
+    in_unit = (lambda nats: math.exp(min(nats, 700.0))) if level == "word" else (lambda nats: nats / math.log(2))
     progress = Progress(
         TextColumn("[bold]train[/]"), BarColumn(), TaskProgressColumn(),
-        TextColumn("step {task.fields[step]}"), TextColumn("loss {task.fields[loss]}"),
+        TextColumn("step {task.fields[step]}"), TextColumn("train {task.fields[loss]} " + unit),
         TextColumn("val {task.fields[bpc]} " + unit), TextColumn("{task.fields[tps]} tok/s"),
         TimeRemainingColumn(), console=err, transient=False)
     task = done = status = start = None
@@ -82,7 +88,7 @@ def render_progress(events: Iterable[dict], quiet: bool, level: str = "char") ->
                                          bpc="-", tps="-")
             elif kind == "step":
                 completed = ev["step"] if start["total_steps"] else min(ev["elapsed_s"], start["deadline_s"])
-                progress.update(task, completed=completed, step=ev["step"], loss=f"{ev['loss']:.3f}",
+                progress.update(task, completed=completed, step=ev["step"], loss=f"{in_unit(ev['loss']):.3f}",
                                 bpc=last_bpc, tps=f"{ev['tokens_per_s']:,.0f}")
             elif kind == "nonfinite":
                 progress.console.print(f"[yellow]step {ev['step']}: loss is not finite; update skipped, "
@@ -121,6 +127,8 @@ def summary_table(done: dict, level: str = "char") -> Table:
     table.add_row("clipped steps", f"{100 * done['clipped_fraction']:.1f} %"
                   + (f" (median gradient norm before clipping {done['grad_norm_median']:.3g})"
                      if done.get("grad_norm_median") is not None else ""))
+    if done.get("best_step") is not None:
+        table.add_row("best at step", f"{done['best_step']:,}")
     table.add_row("best checkpoint", done["checkpoint"])
     table.add_row("latest checkpoint", done["latest"])
     return table

@@ -146,12 +146,14 @@ def train_cmd(
     try:
         plan = run.plan(corpus, **given)
         with StopFlag() as stop, limit_threads(threads):
+            # under MPI every rank renders, but only rank 0's output is shown (charlm.cli.app)
             done = render_training(plan.events(should_stop=stop), as_json, quiet, plan.level)
-        if stop.signum:
-            err.print(f"stopped by {signal.Signals(stop.signum).name} at step {done['steps']}; checkpoint saved to "
+        if stop.signum or done["reason"] == "interrupted":  # (under MPI: a signal to any rank stops all)
+            by = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
+            err.print(f"stopped by {by} at step {done['steps']}; checkpoint saved to "
                       f"{done['latest']}. Continue with: charlm train --resume {done['run_dir']}")
-            raise typer.Exit(128 + stop.signum)
-        if sample_length and not as_json:
+            raise typer.Exit(128 + (stop.signum or signal.SIGINT))
+        if sample_length and not as_json and done["checkpoint"]:
             _final_sample(done["checkpoint"], sample_length, seed)
     except CharlmError as e:
         fail(str(e))

@@ -70,15 +70,13 @@ def iter_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: 
     if path == "-":
         f = sys.stdin.buffer
         name = "standard input"
+        kind = None
     else:
         _check_source(path, what)
         name = path
-        try:
-            f = open(path, "rb")
-        except PermissionError:
-            raise CharlmError(f"permission denied reading {what} {path}") from None
-        except OSError as e:
-            raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+        f, kind = _open_maybe_compressed(path, what)
+        if kind:
+            name = f"{path} (decompressed {kind})"
     utf8 = codecs.lookup(encoding).name == "utf-8"
     decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
     fed = 0          # bytes handed to the decoder so far
@@ -88,8 +86,8 @@ def iter_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: 
         while True:
             try:
                 data = f.read(chunk_bytes)
-            except OSError as e:
-                raise CharlmError(f"cannot read {what} {name}: {e.strerror}") from None
+            except (OSError, EOFError, ValueError) as e:  # a damaged or truncated compressed file too
+                raise CharlmError(f"cannot read {what} {name}: {getattr(e, 'strerror', None) or e}") from None
             final = not data
             if first and utf8 and data.startswith(b"\xef\xbb\xbf"):
                 data = data[3:]
@@ -101,6 +99,11 @@ def iter_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: 
             except UnicodeDecodeError as e:
                 offset = fed - buffered + e.start
                 bad = e.object[e.start] if e.start < len(e.object) else 0
+                looks = _looks_like(path) if fed - buffered + e.start < 4096 and path != "-" else None
+                if looks:
+                    raise CharlmError(f"{name} is not text: it looks like {looks} (bad byte 0x{bad:02x} at offset "
+                                      f"{offset}); give a text file (plain, .gz, .bz2 or .xz), or pass --errors "
+                                      f"replace to read it anyway") from None
                 raise CharlmError(
                     f"{name} is not valid {encoding}: bad byte 0x{bad:02x} at offset {offset}; "
                     f"pass --encoding ENCODING, or --errors replace to substitute U+FFFD") from None
@@ -116,6 +119,93 @@ def iter_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: 
                 continue
             carry = text[cut + 1:]
             yield _normalize_newlines(text[:cut + 1])
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+# What a file is by its first bytes: compressed text read transparently, and other formats named
+# when they fail to decode (so the error says "it looks like a zip archive", not "pass --encoding").
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+_SIGNATURES = {b"PK\x03\x04": "a zip archive (or .npz, .docx, .xlsx)", b"%PDF": "a PDF document",
+               b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+               b"\x7fELF": "an executable (ELF)", b"7z\xbc\xaf": "a 7-Zip archive",
+               b"\x28\xb5\x2f\xfd": "a zstd-compressed file", b"\x93NUMPY": "a NumPy .npy array",
+               b"SQLite format 3": "an SQLite database", **{k: f"{v}-compressed data" for k, v in _COMPRESSED.items()}}
+
+
+def _open_maybe_compressed(path: str, what: str):
+    """(binary file object, "gzip" | "bzip2" | "xz" | None): compressed text is decompressed as it is read."""
+    try:
+        with open(path, "rb") as raw:
+            head = raw.read(8)
+        kind = next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
+        if kind == "gzip":
+            import gzip
+            return gzip.open(path, "rb"), kind
+        if kind == "bzip2":
+            import bz2
+            return bz2.open(path, "rb"), kind
+        if kind == "xz":
+            import lzma
+            return lzma.open(path, "rb"), kind
+        return open(path, "rb"), None
+    except PermissionError:
+        raise CharlmError(f"permission denied reading {what} {path}") from None
+    except OSError as e:
+        raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def _looks_like(path: str) -> str | None:
+    """What a file that is not text looks like, from its first bytes (None: not known, or NUL bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    return next((name for magic, name in _SIGNATURES.items() if head.startswith(magic)), None)
+
+
+def iter_lines(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "input"):
+    """Yield the lines of a text file ('-' is standard input) one at a time, without their line
+    end, each as soon as it has been read (a pipe is scored as it arrives) and without holding
+    more than one line. A UTF-8 byte-order mark is dropped and a CR before the LF too. Errors
+    as iter_text's (the byte offset of a bad byte). The encoding must keep the newline byte as
+    the line end (UTF-8, Latin-1, ...)."""
+    import codecs
+    _check_codec(encoding, errors)
+    if path == "-":
+        f, name = sys.stdin.buffer, "standard input"
+    else:
+        _check_source(path, what)
+        name = path
+        try:
+            f = open(path, "rb")
+        except PermissionError:
+            raise CharlmError(f"permission denied reading {what} {path}") from None
+        except OSError as e:
+            raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+    offset = 0
+    try:
+        while True:
+            try:
+                data = f.readline()
+            except OSError as e:
+                raise CharlmError(f"cannot read {what} {name}: {e.strerror}") from None
+            if not data:
+                return
+            start = offset
+            offset += len(data)
+            if start == 0 and encoding.lower().replace("_", "-") in ("utf-8", "utf8") and data.startswith(b"\xef\xbb\xbf"):
+                data, start = data[3:], 3
+            data = data[:-1] if data.endswith(b"\n") else data
+            data = data[:-1] if data.endswith(b"\r") else data
+            try:
+                yield codecs.decode(data, encoding, errors)
+            except UnicodeDecodeError as e:
+                raise CharlmError(
+                    f"{name} is not valid {encoding}: bad byte 0x{data[e.start]:02x} at offset {start + e.start}; "
+                    f"pass --encoding ENCODING, or --errors replace to substitute U+FFFD") from None
     finally:
         if f is not sys.stdin.buffer:
             f.close()

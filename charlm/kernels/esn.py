@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from .fastmath import act_tanh
-from .layers import draw_token
+from .layers import pick_token
 from .parallel import JIT, PJIT, chunk, n_parts
 
 
@@ -90,18 +90,21 @@ def _esn_step1(h, tmp, table, bias, data, indices, indptr, leak, token):
 
 
 @njit(**JIT)
-def esn_sample(out, h, prime, uniforms, table, bias, data, indices, indptr, leak, WoutT, bout,
-               temperature, top_k, greedy):
-    """Feed prime (P,) ids (P >= 1), then generate K = out.shape[0] tokens into out.
+def esn_sample(out, lps, h, seen, prime, uniforms, table, bias, data, indices, indptr, leak, WoutT, bout,
+               temperature, top_k, top_p, penalty, greedy):
+    """Feed prime (P,) ids (P >= 1), then generate K = out.shape[0] tokens into out
+    and their ln P into lps (K,) float64 (see sample.stack_sample).
 
-    h (H,) state in/out; uniforms (K,) in [0, 1) drawn by the caller; table (V, H)
-    = Win^T; bias (H,); W as CSR; WoutT (H, V) the readout transposed; bout (V,).
-    Afterwards the state has consumed prime and out[:-1] (continue with out[-1:]).
+    h (H,) state in/out; seen (V,) uint8 in/out (layers.pick_token); uniforms (K,)
+    in [0, 1) drawn by the caller; table (V, H) = Win^T; bias (H,); W as CSR;
+    WoutT (H, V) the readout transposed; bout (V,). Afterwards the state has
+    consumed prime and out[:-1] (continue with out[-1:]).
     """
     H = h.shape[0]
     V = bout.shape[0]
     tmp = np.empty(H, dtype=h.dtype)
     logits = np.empty(V, dtype=h.dtype)
+    adj = np.empty(V, dtype=np.float64)
     scratch = np.empty(V, dtype=np.float64)
     for p in range(prime.shape[0]):
         _esn_step1(h, tmp, table, bias, data, indices, indptr, leak, prime[p])
@@ -114,7 +117,8 @@ def esn_sample(out, h, prime, uniforms, table, bias, data, indices, indptr, leak
             row = WoutT[j]
             for v in range(V):
                 logits[v] += hj * row[v]
-        tok = draw_token(logits, temperature, top_k, greedy, uniforms[k], scratch)
+        tok, lp = pick_token(logits, seen, temperature, top_k, top_p, penalty, greedy, uniforms[k], adj, scratch)
         out[k] = tok
+        lps[k] = lp
         if k + 1 < K:
             _esn_step1(h, tmp, table, bias, data, indices, indptr, leak, tok)

@@ -118,12 +118,15 @@ def softmax_xent_backward(dlogits, probs, targets, scale, parts=1):
 
 
 @njit(**JIT)
-def draw_token(logits, temperature, top_k, greedy, u, scratch):
+def draw_token(logits, temperature, top_k, top_p, greedy, u, scratch):
     """Pick a token from one row of logits (V,).
 
     greedy: argmax. Otherwise softmax(logits / temperature) restricted to the
-    top_k largest logits (top_k <= 0 means all) and inverse-CDF draw with the
-    uniform u in [0, 1). scratch (V,) float64 work space.
+    top_k largest logits (top_k <= 0 means all), then to the nucleus: the
+    fewest most likely tokens whose probability adds up to top_p or more
+    (top_p >= 1 means all; tokens tied with the last one kept are kept too),
+    and an inverse-CDF draw with the uniform u in [0, 1). scratch (V,) float64
+    work space. The order is HF's: temperature, top-k, top-p.
     """
     V = logits.shape[0]
     best = 0
@@ -148,6 +151,20 @@ def draw_token(logits, temperature, top_k, greedy, u, scratch):
             e = 0.0
         scratch[v] = e
         s += e
+    if top_p < 1.0:
+        srt = np.sort(scratch)  # ascending: accumulate from the most likely down
+        acc = 0.0
+        keep = srt[V - 1]
+        for i in range(V - 1, -1, -1):
+            acc += srt[i]
+            keep = srt[i]
+            if acc >= top_p * s:
+                break
+        s = 0.0
+        for v in range(V):
+            if scratch[v] < keep:
+                scratch[v] = 0.0
+            s += scratch[v]
     target = u * s
     acc = 0.0
     last = best
@@ -158,6 +175,39 @@ def draw_token(logits, temperature, top_k, greedy, u, scratch):
             if acc > target:
                 return v
     return last
+
+
+@njit(**JIT)
+def token_logprob(logits, tok):
+    """ln softmax(logits)[tok] in float64: the model's own probability (temperature 1)."""
+    V = logits.shape[0]
+    mx = np.float64(logits[0])
+    for v in range(1, V):
+        if logits[v] > mx:
+            mx = np.float64(logits[v])
+    s = 0.0
+    for v in range(V):
+        s += np.exp(np.float64(logits[v]) - mx)
+    return (np.float64(logits[tok]) - mx) - np.log(s)
+
+
+@njit(**JIT)
+def pick_token(logits, seen, temperature, top_k, top_p, penalty, greedy, u, adj, scratch):
+    """One generation step's choice from logits (V,): HF's repetition penalty on the
+    tokens marked in seen (V,) uint8 (a positive logit divided by penalty, a negative
+    one multiplied; penalty 1 is off), then draw_token. Marks the token in seen.
+    adj, scratch (V,) float64 work space. Returns (token, its ln P under the
+    unmodified distribution)."""
+    V = logits.shape[0]
+    for v in range(V):
+        adj[v] = logits[v]
+    if penalty != 1.0:
+        for v in range(V):
+            if seen[v]:
+                adj[v] = adj[v] * penalty if adj[v] < 0.0 else adj[v] / penalty
+    tok = draw_token(adj, temperature, top_k, top_p, greedy, u, scratch)
+    seen[tok] = 1
+    return tok, token_logprob(logits, tok)
 
 
 @njit(**PJIT)

@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from .fastmath import act_tanh
 from .gru import gru_cell
-from .layers import draw_token
+from .layers import pick_token
 from .lstm import lstm_cell
 from .parallel import JIT, PJIT, chunk, unit_parts
 
@@ -172,18 +172,20 @@ def _decode(logits, h, WoutT, bout, nv):
 
 
 @njit(**JIT)
-def stack_sample(out, hs, cs, prime, uniforms, cell, emb, WihT0, WihT_rest, WhhT,
-                 bih, bhh, WoutT, bout, table, temperature, top_k, greedy, parts=1):
-    """Feed prime (P,) ids (P >= 1), then generate K = out.shape[0] tokens into out.
+def stack_sample(out, lps, hs, cs, seen, prime, uniforms, cell, emb, WihT0, WihT_rest, WhhT,
+                 bih, bhh, WoutT, bout, table, temperature, top_k, top_p, penalty, greedy, parts=1):
+    """Feed prime (P,) ids (P >= 1), then generate K = out.shape[0] tokens into out
+    and the ln P of each (under the model, temperature 1) into lps (K,) float64.
 
-    hs, cs (L, 1, H) state in/out (cs unused for rnn/gru). uniforms (K,) in
-    [0, 1) drawn by the caller. The weights as pack() lays them out; the layers
-    are split by hidden units between as many threads as pack() made parts, and
-    the decoder by vocabulary between up to `parts` threads (at least 64 words
-    each). Batch 1 streams every weight once per token, so two cores bring twice
-    the cache bandwidth. The result does not depend on either split. After the
-    call the state has consumed prime and out[:-1], so the next call continues
-    with prime = out[-1:].
+    hs, cs (L, 1, H) state in/out (cs unused for rnn/gru). seen (V,) uint8 the
+    tokens the repetition penalty applies to, in/out (each generated token is
+    added). uniforms (K,) in [0, 1) drawn by the caller. The weights as pack()
+    lays them out; the layers are split by hidden units between as many threads
+    as pack() made parts, and the decoder by vocabulary between up to `parts`
+    threads (at least 64 words each). Batch 1 streams every weight once per
+    token, so two cores bring twice the cache bandwidth. The result does not
+    depend on either split. After the call the state has consumed prime and
+    out[:-1], so the next call continues with prime = out[-1:].
     """
     L, _, H = hs.shape
     V = emb.shape[0]
@@ -198,6 +200,7 @@ def stack_sample(out, hs, cs, prime, uniforms, cell, emb, WihT0, WihT_rest, WhhT
     ah = np.empty((P, 1, Gw), dtype=hs.dtype)
     act = np.empty((P, 1, 4 * wmax), dtype=hs.dtype)  # gru keeps 4 blocks
     logits = np.empty(V, dtype=hs.dtype)
+    adj = np.empty(V, dtype=np.float64)
     scratch = np.empty(V, dtype=np.float64)
     for p in range(prime.shape[0]):
         _stack_step(cell, hb, cur, cs, act, ax, ah, prime[p], emb, WihT0, WihT_rest, WhhT, bih, bhh, table)
@@ -208,9 +211,25 @@ def stack_sample(out, hs, cs, prime, uniforms, cell, emb, WihT0, WihT_rest, WhhT
             _decode(logits, hb[cur, L - 1], WoutT, bout, nv)
         else:  # a small vocabulary: a parallel launch would cost more than the product
             _decode_range(logits, hb[cur, L - 1], WoutT, bout, 0, V)
-        tok = draw_token(logits, temperature, top_k, greedy, uniforms[k], scratch)
+        tok, lp = pick_token(logits, seen, temperature, top_k, top_p, penalty, greedy, uniforms[k], adj, scratch)
         out[k] = tok
+        lps[k] = lp
         if k + 1 < K:
             _stack_step(cell, hb, cur, cs, act, ax, ah, tok, emb, WihT0, WihT_rest, WhhT, bih, bhh, table)
             cur = 1 - cur
     hs[:, 0] = hb[cur]
+
+
+@njit(**JIT)
+def draw_tokens(out, lps, seen, logits, uniforms, temperature, top_k, top_p, penalty, greedy):
+    """One step of N streams generated side by side: out (N,) the token of each row of
+    logits (N, V), lps (N,) float64 its ln P, seen (N, V) uint8 per stream (see
+    layers.pick_token), uniforms (N,) in [0, 1) drawn by the caller."""
+    N, V = logits.shape
+    adj = np.empty(V, dtype=np.float64)
+    scratch = np.empty(V, dtype=np.float64)
+    for n in range(N):
+        tok, lp = pick_token(logits[n], seen[n], temperature, top_k, top_p, penalty, greedy, uniforms[n],
+                             adj, scratch)
+        out[n] = tok
+        lps[n] = lp

@@ -20,7 +20,7 @@ A model subclasses BaseModel and provides
                                  ws.logits (the caller zeroes grads)
     sampler()                    the generation step for charlm.lm.sample.generate
 
-and gets loss, token_logprobs, probs_last, loss_and_grads, forward, zero_state, zero_grads.
+and gets loss, token_logprobs, probs_last, logits_last, loss_and_grads, forward, zero_state, zero_grads.
 
 Dimensions: N batch, T time, V vocab, H hidden, L state layers, M = T*N.
 """
@@ -35,8 +35,9 @@ import numpy as np
 from ..config import ModelConfig
 from ..kernels import layers
 
-# out (k,) int32, hs (L, 1, H), cs (L, 1, H), feed ids, uniforms (k,), temperature, top_k, greedy
-SampleStep = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, int, bool], None]
+# out (k,) int32, lps (k,) float64, hs (L, 1, H), cs (L, 1, H), seen (V,) uint8, feed ids, uniforms (k,),
+# temperature, top_k, top_p, repetition penalty, greedy
+SampleStep = Callable[..., None]
 
 
 @dataclass
@@ -105,9 +106,10 @@ class BaseModel:
         raise NotImplementedError
 
     def sampler(self) -> SampleStep:
-        """step(out, hs, cs, feed, uniforms, temperature, top_k, greedy): feed the ids `feed`
-        from the state (hs, cs) (updated in place), then sample len(out) tokens into out,
-        each fed back as the next input."""
+        """step(out, lps, hs, cs, seen, feed, uniforms, temperature, top_k, top_p, penalty, greedy):
+        feed the ids `feed` from the state (hs, cs) (updated in place), then sample len(out)
+        tokens into out (their ln P into lps), each fed back as the next input; seen (V,) uint8
+        marks the tokens the repetition penalty applies to (kernels.layers.pick_token)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- forward
@@ -139,6 +141,13 @@ class BaseModel:
         last -= last.max(axis=1, keepdims=True)
         e = np.exp(last)
         return e / e.sum(axis=1, keepdims=True), self._final_state(ws)
+
+    def logits_last(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """Logits (N, V) after the last input of x (T, N) (a copy) and the state after x:
+        one step of N streams decoded side by side (charlm.lm.sample, charlm.lm.beam)."""
+        ws = self._forward(x, state, None)
+        T, N = x.shape
+        return ws.logits.reshape(T, N, -1)[-1].copy(), self._final_state(ws)
 
     # --------------------------------------------------------------- backward
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray, state: State, grads: dict[str, np.ndarray],

@@ -21,10 +21,14 @@ from typing import Callable
 
 import numpy as np
 
+from .. import dist
 from ..data import Vocab
+from . import shard
 from .base import BaseModel
 
 LN10 = math.log(10.0)
+NOTHING_TO_SCORE = ("nothing to score: the text has no token in the vocabulary and the end factor is left out "
+                    "(--no-eos); a perplexity of such a text would be meaningless")
 LN2 = math.log(2.0)
 
 
@@ -132,21 +136,131 @@ def evaluate_text(model: BaseModel, vocab: Vocab, text: str, *, streams: int = 1
     done = 0
     if n:
         offs = np.arange(K) * L
-        state = model.zero_state(K)
+        block = dist.block(K) if dist.size() > 1 else None  # under MPI: this rank's block of the K streams
+        state = model.zero_state(K if block is None else block[1] - block[0])
         for start in range(0, L, window):
             T = min(window, L - start)
             pos = offs[None, :] + start + np.arange(T)[:, None]          # (T, K) target positions
             valid = pos < n
             x = np.where(valid, full[np.minimum(pos, n)], 0).astype(np.int32)
             y = np.where(valid, full[np.minimum(pos + 1, n)], -1).astype(np.int32)
-            lp, state = model.token_logprobs(x, y, state)
+            if block is None:
+                lp, state = model.token_logprobs(x, y, state)
+            else:  # rank 0 gets every column, computed as one process computes it, and adds up alone
+                lp, state = shard.window_logprobs(model, x, y, state, block)
+                if lp is None:
+                    continue
             total += float(lp[valid].sum())
             oov_lp += float(lp[valid & is_oov[np.minimum(pos, n - 1)]].sum())
             done += int(valid.sum())
             if progress:
                 progress(done, n)
+        if block is not None:
+            total, oov_lp = dist.bcast((total, oov_lp), what="the evaluation's totals")
     return {
         **totals(total, n, oov_lp, int(is_oov.sum())),
         "oov": len(oov),
         "streams": K,
     }
+
+
+# ------------------------------------------------------------------ many texts, totals only
+def _char_ids(vocab: Vocab, text: str) -> tuple[np.ndarray, int, list[str]]:
+    """A character text's ids (int32) with the characters outside the vocabulary left out, their
+    count and the distinct ones, sorted: vectorised, without a Python object per character (a
+    10 MB line stays small)."""
+    table = getattr(vocab, "_char_table", None)
+    if table is None:
+        table = np.full(max(map(ord, vocab.tokens)) + 2, -1, dtype=np.int32)
+        for i, t in enumerate(vocab.tokens):
+            table[ord(t)] = i
+        object.__setattr__(vocab, "_char_table", table)  # a cache on the frozen Vocab
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    ids = table[np.minimum(cps, len(table) - 1)]
+    keep = ids >= 0
+    skipped = int(len(ids) - keep.sum())
+    oov = sorted(chr(c) for c in np.unique(cps[~keep]).tolist()) if skipped else []
+    return ids[keep], skipped, oov
+
+
+def _targets(vocab: Vocab, text: str, eos: bool) -> tuple[np.ndarray, np.ndarray | None, int, list[str]]:
+    """Targets (int32) of one text, the OOV mask of its factors (words) or None, the number of
+    characters left out, and the OOV tokens."""
+    if vocab.level == "char":
+        ids, skipped, oov_tokens = _char_ids(vocab, text)
+        mask = None
+    else:
+        ids, oov = vocab.encode(text)
+        skipped, oov_tokens = 0, sorted({t for _, t in oov})
+        mask = np.zeros(len(ids) + 1, dtype=bool)
+        for pos, _ in oov:
+            mask[pos] = True
+        mask = mask if eos else mask[:-1]
+    targets = np.concatenate([ids, [vocab.eos_id]] if eos else [ids]).astype(np.int32)
+    return targets, mask, skipped, oov_tokens
+
+
+def score_totals(model: BaseModel, vocab: Vocab, texts: list[str], *, eos: bool = True,
+                 positions: int = 8192) -> list[dict]:
+    """Each text scored on its own, as score_text, but only its totals (no "tokens"): texts of
+    similar length side by side, one stream each, in windows of about `positions` positions
+    (a long text alone, window by window: memory stays flat). Each result has score_text's keys
+    but "tokens"; results in the order of texts."""
+    enc = [_targets(vocab, t, eos) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(enc[i][0]))
+    results: list[dict] = [{}] * len(texts)
+    for g0 in range(0, len(order), 64):
+        group = order[g0:g0 + 64]
+        B = len(group)
+        T = max(len(enc[i][0]) for i in group)
+        y = np.full((T, B), -1, dtype=np.int32)
+        is_oov = np.zeros((T, B), dtype=bool)
+        for b, i in enumerate(group):
+            tg, mask = enc[i][0], enc[i][1]
+            y[:len(tg), b] = tg
+            if mask is not None:
+                is_oov[:len(tg), b] = mask[:len(tg)]
+        x = np.vstack([np.full((1, B), vocab.eos_id, np.int32), np.maximum(y[:-1], 0)]) if T else y
+        total = np.zeros(B)
+        oov_lp = np.zeros(B)
+        window = max(32, min(512, positions // B))
+        state = model.zero_state(B)
+        for s in range(0, T, window):
+            lp, state = model.token_logprobs(x[s:s + window], y[s:s + window], state)  # padding gives 0
+            total += lp.sum(axis=0)
+            oov_lp += np.where(is_oov[s:s + window], lp, 0.0).sum(axis=0)
+        for b, i in enumerate(group):
+            n, n_oov_factors = len(enc[i][0]), int(is_oov[:, b].sum())
+            results[i] = {**totals(float(total[b]), n, float(oov_lp[b]), n_oov_factors),
+                          "oov": n_oov_factors + enc[i][2], "oov_logprob": float(oov_lp[b]),
+                          "oov_tokens": enc[i][3]}
+    return results
+
+
+class Tally:
+    """Corpus totals of results added one at a time (corpus_total without keeping them)."""
+
+    def __init__(self, level: str):
+        self.word = level == "word"
+        self.n = self.n_texts = self.oov = self.oov_factors = 0
+        self.logprob = self.oov_lp = 0.0
+
+    def add(self, r: dict) -> None:
+        self.n += r["n_tokens"]
+        self.n_texts += 1
+        self.logprob += r["logprob"]
+        self.oov += r["oov"]
+        self.oov_factors += r["oov"] if self.word else 0
+        self.oov_lp += r.get("oov_logprob", 0.0)
+
+    def total(self) -> dict:
+        return {**totals(self.logprob, self.n, self.oov_lp, self.oov_factors), "oov": self.oov,
+                "n_texts": self.n_texts}
+
+
+def parse_nbest(line: str) -> tuple[str, str]:
+    """Kaldi's n-best text line `uttid-N w1 w2 ...` -> (uttid-N, "w1 w2 ...")."""
+    parts = line.strip().split(None, 1)
+    if not parts:
+        return "", ""
+    return parts[0], parts[1] if len(parts) > 1 else ""
