@@ -63,6 +63,11 @@ def test_score_is_what_score_json_prints(run_cli, run):
     for text in TEXTS:
         for eos in (True, False):
             flags = [] if eos else ["--no-eos"]
+            if not text and not eos:  # no factor at all: both refuse (no perplexity of 1 over 0 tokens)
+                failed(run_cli("score", text, "--model", run, "--json", *flags), "nothing to score")
+                with pytest.raises(charlm.CharlmError, match="nothing to score"):
+                    lm.score(text, eos=eos)
+                continue
             cli = json.loads(ok(run_cli("score", text, "--model", run, "--json", *flags)).stdout)
             assert lm.score(text, eos=eos) == cli, (text, eos)
     # several texts: score_many is `score --file --json`
