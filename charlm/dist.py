@@ -185,6 +185,9 @@ def allgather(obj, what: str = "a gather"):
     return bcast(gather(obj, 0, what), 0, what)
 
 
+# Messages between the ranks of one job are pickled, as mpi4py's own object API does: they never touch
+# the disk and come only from processes of the job the user launched (the same trust as the process
+# itself). Files are another matter: checkpoints and token files are never unpickled.
 def _pack(obj):
     import pickle
 
