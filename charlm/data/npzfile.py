@@ -82,10 +82,7 @@ def write_npz(arrays: dict[str, np.ndarray], meta: dict, path: str | os.PathLike
         raise CharlmError(f"could not write {what} {path}: {e.strerror or e}; the previous {what} is unchanged") from None
     finally:
         if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            remove_quietly(tmp)
 
 
 # Bounds on what a file may make charlm allocate, checked before anything is read in full.
@@ -220,3 +217,12 @@ def read_npz(path: str | os.PathLike, fmt: str, version: int,
     if checksum != digest(arrays, json.dumps(meta, sort_keys=True, allow_nan=False).encode()):
         raise CharlmError(f"{path} fails its checksum: the file is damaged; use another {what.split()[-1]}")
     return arrays, meta, bad
+
+
+def remove_quietly(path) -> None:
+    """Delete a temporary file a failed write left, if it is there; a failure to delete is not an error
+    worth hiding the write's own error behind."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CharlmError
+from .npzfile import remove_quietly
 from .vocab import Vocab, id_dtype
 
 TOKENS_FILE = "tokens.bin"
@@ -44,10 +45,7 @@ def write_tokens(pieces, vocab: Vocab, path) -> tuple[np.ndarray, dict[str, int]
         raise CharlmError(f"could not write the token file {path}: {e.strerror or e}") from None
     finally:
         if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            remove_quietly(tmp)
     return open_tokens(path, dtype), dict(oov)
 
 
