@@ -9,6 +9,8 @@ from .errors import CharlmError
 CELLS = ("rnn", "gru", "lstm", "esn")
 GATES = {"rnn": 1, "gru": 3, "lstm": 4, "esn": 1}
 OPTIMIZERS = ("adam", "sgd")
+SOFTMAXES = ("full", "adaptive")
+DEFAULT_CUTOFFS = (2000, 10000, 50000)  # adaptive softmax without --cutoffs (those below the vocabulary size)
 
 
 # Upper bounds on sizes, so that a flag or a forged checkpoint is refused before anything is
@@ -37,6 +39,21 @@ def _finite(name: str, value, low: float = 0.0) -> None:
         raise CharlmError(f"{name} must be a finite number{least}, got {str(value)[:40]}")
 
 
+def _cutoffs(value) -> tuple:
+    """--cutoffs as a tuple of ascending positive ints (from a tuple, a JSON list or "2000,10000")."""
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise CharlmError(f"--cutoffs must be whole numbers separated by commas, got {value[:40]!r}") from None
+    if not isinstance(value, (tuple, list)) or len(value) > 64 \
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise CharlmError(f"--cutoffs must be up to 64 whole numbers, got {str(value)[:40]}")
+    if any(v <= 0 for v in value) or any(b <= a for a, b in zip(value, value[1:])):
+        raise CharlmError(f"--cutoffs must be positive and ascending, got {','.join(map(str, value))[:40]}")
+    return tuple(value)
+
+
 def check_seed(name: str, value) -> None:
     """A seed NumPy takes: a whole number from 0 to 2**64 - 1."""
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
@@ -58,7 +75,14 @@ class ModelConfig:
     embed: int = 64
     hidden: int = 256
     layers: int = 2
-    dropout: float = 0.0
+    dropout: float = 0.0        # between recurrent layers (as torch.nn.LSTM(dropout=p))
+    dropout_in: float = 0.0     # on the embeddings, before the first layer (training only)
+    dropout_out: float = 0.0    # on the last layer's output, before the decoder (training only)
+    variational: bool = False   # one dropout mask per window and stream, shared by its time steps
+    tie: bool = False           # decoder.weight is embedding.weight (needs embed == hidden)
+    softmax: str = "full"       # "full" | "adaptive" (charlm.lm.heads)
+    cutoffs: tuple = ()         # adaptive: ascending ids where the head's shortlist and each tail cluster end
+    div_value: float = 4.0      # adaptive: tail cluster i projects to hidden // div_value**(i+1) units
     # Echo State Network only (cell "esn"; hidden = the reservoir's units; see charlm.esn)
     leak: float = 1.0           # leak rate a: h_t = (1 - a) h_{t-1} + a tanh(...)
     sr: float = 0.9             # spectral radius W is rescaled to
@@ -77,13 +101,35 @@ class ModelConfig:
             raise CharlmError(f"vocab_size must be a whole number below 2**32, got {str(self.vocab_size)[:40]}")
         for name in ("dropout", "leak", "sr", "connectivity", "input_scaling", "bias_scaling"):
             _finite(f"--{name.replace('_', '-')}", getattr(self, name), -math.inf)
-        if not 0.0 <= self.dropout < 1.0:
-            raise CharlmError(f"--dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "dropout_in", "dropout_out", "div_value"):
+            _finite(f"--{name.replace('_', '-')}", getattr(self, name), -math.inf)
+        for name in ("dropout", "dropout_in", "dropout_out"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise CharlmError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("variational", "tie"):
+            if not isinstance(getattr(self, name), bool):
+                raise CharlmError(f"{name} must be true or false, got {str(getattr(self, name))[:40]}")
+        if self.softmax not in SOFTMAXES:
+            raise CharlmError(f"--softmax must be one of {', '.join(SOFTMAXES)}, got {str(self.softmax)[:40]!r}")
+        object.__setattr__(self, "cutoffs", _cutoffs(self.cutoffs))
+        if not 1.0 < self.div_value <= 1e3:
+            raise CharlmError(f"--div-value must be over 1, got {self.div_value}")
+        if self.tie and self.embed != self.hidden:
+            raise CharlmError(f"--tie makes the decoder the embedding table: it needs --embed equal to --hidden "
+                              f"(got {self.embed} and {self.hidden})")
+        if self.tie and self.softmax == "adaptive":
+            raise CharlmError("--tie works with --softmax full only: the adaptive softmax's tail clusters have "
+                              "narrower projections than the embedding, so there is no one table to share")
+        if self.softmax == "adaptive" and self.vocab_size and self.cutoffs and self.cutoffs[-1] >= self.vocab_size:
+            raise CharlmError(f"--cutoffs must be below the vocabulary size {self.vocab_size:,}, "
+                              f"got {','.join(map(str, self.cutoffs))}")
         if self.cell == "esn":
             if self.layers != 1:
                 raise CharlmError(f"--cell esn has a single reservoir; drop --layers (got {self.layers})")
-            if self.dropout:
+            if self.dropout or self.dropout_in or self.dropout_out:
                 raise CharlmError("--dropout does not apply to --cell esn (its reservoir is not trained)")
+            if self.tie or self.softmax != "full":
+                raise CharlmError("--tie and --softmax adaptive do not apply to --cell esn (it has no embedding table)")
             if not 0.0 < self.leak <= 1.0:
                 raise CharlmError(f"--leak must be in (0, 1], got {self.leak}")
             if not 0.0 < self.sr < 1e3:
@@ -98,6 +144,16 @@ class ModelConfig:
     @property
     def gates(self) -> int:
         return GATES[self.cell]
+
+    def with_vocab(self, vocab_size: int) -> "ModelConfig":
+        """This configuration for a vocabulary of vocab_size tokens; an adaptive softmax without
+        --cutoffs gets the default ones that fit (DEFAULT_CUTOFFS below the vocabulary size, or
+        one tail over the rarer half of a vocabulary under 2,000 tokens), so that the checkpoint
+        states its layout."""
+        cutoffs = self.cutoffs
+        if self.softmax == "adaptive" and not cutoffs:
+            cutoffs = tuple(c for c in DEFAULT_CUTOFFS if c < vocab_size - 1) or (max(1, vocab_size // 2),)
+        return ModelConfig(**{**self.to_dict(), "vocab_size": vocab_size, "cutoffs": cutoffs})
 
     def to_dict(self) -> dict:
         return asdict(self)

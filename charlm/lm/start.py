@@ -177,7 +177,7 @@ def new_run(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_d
             raise CharlmError("the corpus is empty; give a text file with some content")
         Batches(train_ids, train_cfg.seq_len, train_cfg.batch)  # too short: fail before anything is kept
         oov_note = _oov_note(oov, vocab, strict_vocab, init_from)
-        check_memory(init_from.model if init_from else ModelConfig(**{**model_cfg.to_dict(), "vocab_size": len(vocab)}),
+        check_memory(init_from.model if init_from else model_cfg.with_vocab(len(vocab)),
                      train_cfg)
     except BaseException:
         if created is not None:
@@ -194,7 +194,7 @@ def new_run(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_d
     if init_from is not None:
         mcfg = init_from.model
     else:
-        mcfg = ModelConfig(**{**model_cfg.to_dict(), "vocab_size": len(vocab)})
+        mcfg = model_cfg.with_vocab(len(vocab))
     return Start(run_dir, mcfg, train_cfg, vocab, train_ids, val_ids, data, corpus_name, init_from=init_from,
                  lock=lock)
 
