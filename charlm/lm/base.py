@@ -13,14 +13,20 @@ A model subclasses BaseModel and provides
     check_params, init_params    static: validate / draw the arrays of a config
     workspace_type               the class of its per-(T, N) workspace: every array one pass needs
     state_layers                 rows of State.h / State.c
-    _forward(x, state, rng)      fill the workspace from ids x (T, N) up to .logits (T*N, V);
-                                 rng draws dropout masks (training) or is None
+    _forward(x, state, rng)      fill the workspace from ids x (T, N) up to .top (T*N, H), the
+                                 input of the output head (charlm.lm.heads); rng draws dropout
+                                 masks (training) or is None
     _final_state(ws)             the State after the window, in new arrays
-    _backward(ws, x, grads, rng) ADD d(mean loss)/d(trainable) into grads, given dL/dlogits in
-                                 ws.logits (the caller zeroes grads)
+    _dtop(ws)                    the (T*N, H) array the head writes dL/dtop into ((0, 0): not needed)
+    _backward(ws, x, grads, rng) ADD d(mean loss)/d(trainable) into grads, given dL/dtop in
+                                 _dtop(ws) and the head's gradients already in grads (the caller
+                                 zeroes grads)
     sampler()                    the generation step for charlm.lm.sample.generate
 
 and gets loss, token_logprobs, probs_last, logits_last, loss_and_grads, forward, zero_state, zero_grads.
+
+The output head (self.head: full softmax, tied or not, or adaptive softmax) turns .top into
+exact log-probabilities; every scoring and training method goes through it.
 
 Dimensions: N batch, T time, V vocab, H hidden, L state layers, M = T*N.
 """
@@ -33,7 +39,7 @@ import numba
 import numpy as np
 
 from ..config import ModelConfig
-from ..kernels import layers
+from .heads import build_head
 
 # out (k,) int32, lps (k,) float64, hs (L, 1, H), cs (L, 1, H), seen (V,) uint8, feed ids, uniforms (k,),
 # temperature, top_k, top_p, repetition penalty, greedy
@@ -63,7 +69,8 @@ class BaseModel:
         self.check_params(cfg, params)
         self.cfg = cfg
         self.params = params
-        self.dtype = params["decoder.weight"].dtype
+        self.head = build_head(cfg)
+        self.dtype = params["decoder.bias" if "decoder.bias" in params else "decoder.head.weight"].dtype
         self._ws: dict[tuple[int, int], object] = {}
 
     @classmethod
@@ -102,6 +109,9 @@ class BaseModel:
     def _final_state(self, ws) -> State:
         raise NotImplementedError
 
+    def _dtop(self, ws) -> np.ndarray:
+        raise NotImplementedError
+
     def _backward(self, ws, x: np.ndarray, grads: dict[str, np.ndarray], rng: np.random.Generator | None) -> None:
         raise NotImplementedError
 
@@ -114,40 +124,47 @@ class BaseModel:
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray, state: State):
-        """The workspace after a pass over ids x (T, N) from state, without dropout: logits
-        (T*N, V) and the model's caches. Its arrays are reused by the next pass of the same
-        shape: copy what you keep."""
+        """The workspace after a pass over ids x (T, N) from state, without dropout: .top (T*N, H),
+        the output head's input, and the model's caches. Its arrays are reused by the next pass
+        of the same shape: copy what you keep."""
         return self._forward(x, state, None)
 
     def loss(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[float, State]:
         """Mean cross-entropy (nats) of targets y (T, N) given inputs x (T, N); no dropout."""
         ws = self._forward(x, state, None)
-        total = layers.softmax_xent_forward(ws.logits, ws.logits, np.ascontiguousarray(y).reshape(-1),
-                                            numba.get_num_threads())
+        total = self.head.loss(self.params, ws.top, np.ascontiguousarray(y).reshape(-1), numba.get_num_threads())
         return float(total) / y.size, self._final_state(ws)  # float: a NumPy scalar without the JIT
 
     def token_logprobs(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """log P(y[t, n] | inputs up to x[t, n]) as float64 (T, N), and the state after."""
         ws = self._forward(x, state, None)
         out = np.empty(y.size, dtype=np.float64)
-        layers.log_softmax_gather(out, ws.logits, np.ascontiguousarray(y).reshape(-1), numba.get_num_threads())
+        self.head.gather(self.params, ws.top, np.ascontiguousarray(y).reshape(-1), out, numba.get_num_threads())
         return out.reshape(y.shape), self._final_state(ws)
+
+    def _last_scores(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """Scores (N, V) after the last input of x (T, N) (a new array; their softmax is the
+        next-token distribution) and the state after x."""
+        ws = self._forward(x, state, None)
+        T, N = x.shape
+        top = np.ascontiguousarray(ws.top.reshape(T, N, -1)[-1])
+        out = np.empty((N, self.cfg.vocab_size), self.dtype)
+        self.head.log_probs(self.params, top, out, numba.get_num_threads())
+        return out, self._final_state(ws)
 
     def probs_last(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """Next-token distribution after the last input of x (T, N): (N, V) float64."""
-        ws = self._forward(x, state, None)
-        T, N = x.shape
-        last = ws.logits.reshape(T, N, -1)[-1].astype(np.float64)
+        last, new_state = self._last_scores(x, state)
+        last = last.astype(np.float64)
         last -= last.max(axis=1, keepdims=True)
         e = np.exp(last)
-        return e / e.sum(axis=1, keepdims=True), self._final_state(ws)
+        return e / e.sum(axis=1, keepdims=True), new_state
 
     def logits_last(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """Logits (N, V) after the last input of x (T, N) (a copy) and the state after x:
-        one step of N streams decoded side by side (charlm.lm.sample, charlm.lm.beam)."""
-        ws = self._forward(x, state, None)
-        T, N = x.shape
-        return ws.logits.reshape(T, N, -1)[-1].copy(), self._final_state(ws)
+        """Logits (N, V) after the last input of x (T, N) (a copy; for the adaptive softmax the
+        log-probabilities, which are logits of the same distribution) and the state after x: one
+        step of N streams decoded side by side (charlm.lm.sample, charlm.lm.beam)."""
+        return self._last_scores(x, state)
 
     # --------------------------------------------------------------- backward
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray, state: State, grads: dict[str, np.ndarray],
@@ -160,9 +177,8 @@ class BaseModel:
         parts = numba.get_num_threads()
         ws = self._forward(x, state, rng)
         targets = np.ascontiguousarray(y).reshape(M)
-        total = layers.softmax_xent_forward(ws.logits, ws.logits, targets, parts)
-        layers.softmax_xent_backward(ws.logits, ws.logits, targets, 1.0 / M, parts)  # logits := dL/dlogits
         for g in grads.values():
             g.fill(0)
+        total = self.head.loss_and_backward(self.params, ws.top, targets, 1.0 / M, self._dtop(ws), grads, parts)
         self._backward(ws, x, grads, rng)
         return float(total) / M, self._final_state(ws)

@@ -211,7 +211,7 @@ def _check_training_state(ck: Checkpoint) -> None:
     if ck.state:
         h = ck.state.get("h")
         L = 1 if ck.model.cell == "esn" else ck.model.layers
-        dtype = params["decoder.weight"].dtype
+        dtype = params["decoder.bias" if "decoder.bias" in params else "decoder.head.weight"].dtype
         if sorted(ck.state) != ["c", "h"] or h.ndim != 3 or h.shape[0] != L or h.shape[2] != ck.model.hidden \
                 or ck.state["c"].shape != h.shape or h.dtype != dtype or ck.state["c"].dtype != dtype:
             raise CharlmError(f"the carried state has shape {None if h is None else h.shape}, expected ({L}, N, "

@@ -127,13 +127,13 @@ def check_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
 
 class EsnWorkspace:
     """u (T, N, H) the input drive Win x_t + b; hs (T+1, N, H) the states, [0] the carried one;
-    logits (M, V)."""
+    top (M, H) the states the readout reads (a view of hs[1:])."""
 
     def __init__(self, cfg: ModelConfig, T: int, N: int, dtype):
-        H, V = cfg.hidden, cfg.vocab_size
+        H = cfg.hidden
         self.u = np.zeros((T, N, H), dtype)
         self.hs = np.zeros((T + 1, N, H), dtype)
-        self.logits = np.zeros((T * N, V), dtype)
+        self.top = self.hs[1:].reshape(T * N, H)
         self.no_dx = np.zeros((0, 0), dtype)  # the readout's input gradient is not needed
 
 
@@ -160,11 +160,11 @@ class EsnModel(BaseModel):
     def states(self, x: np.ndarray, state: State) -> np.ndarray:
         """Reservoir states after each input of x (T, N): (T+1, N, H) with [0] = state.h[0].
         The array is the workspace's: copy it to keep it."""
-        return self._forward(x, state, None, logits=False).hs
+        return self._forward(x, state, None).hs
 
-    def _forward(self, x: np.ndarray, state: State, rng: np.random.Generator | None = None,
-                 logits: bool = True) -> EsnWorkspace:
-        """The reservoir over ids x (T, N), then the readout's logits (M, V). No dropout: rng is unused."""
+    def _forward(self, x: np.ndarray, state: State, rng: np.random.Generator | None = None) -> EsnWorkspace:
+        """The reservoir over ids x (T, N); the readout (the output head) reads ws.top. No dropout:
+        rng is unused."""
         T, N = x.shape
         p, H = self.params, self.cfg.hidden
         ws = self._workspace(T, N)
@@ -175,22 +175,18 @@ class EsnModel(BaseModel):
         ws.hs[0] = state.h[0]
         esn_forward(ws.hs, ws.u, p["reservoir.W_data"], p["reservoir.W_indices"], p["reservoir.W_indptr"],
                     float(self.cfg.leak), numba.get_num_threads())
-        if logits:
-            layers.linear_forward(ws.logits, ws.hs[1:].reshape(T * N, H), p["decoder.weight"], p["decoder.bias"],
-                                  numba.get_num_threads())
         return ws
 
     def _final_state(self, ws: EsnWorkspace) -> State:
         h = ws.hs[-1][None].copy()
         return State(h, np.zeros_like(h))
 
+    def _dtop(self, ws: EsnWorkspace) -> np.ndarray:
+        return ws.no_dx  # the readout's input gradient is not needed: nothing behind it is trained
+
     def _backward(self, ws: EsnWorkspace, x: np.ndarray, grads: dict[str, np.ndarray],
                   rng: np.random.Generator | None) -> None:
-        """The readout's gradient only: the reservoir is fixed, so nothing flows back through time."""
-        T, N = x.shape
-        layers.linear_backward(ws.no_dx, grads["decoder.weight"], grads["decoder.bias"], ws.logits,
-                               ws.hs[1:].reshape(T * N, self.cfg.hidden), self.params["decoder.weight"],
-                               numba.get_num_threads())
+        """Nothing: the head already added the readout's gradient, and the reservoir is fixed."""
 
     def sampler(self) -> SampleStep:
         """The compiled reservoir sampler (see BaseModel.sampler); uses hs[0, 0], ignores cs."""

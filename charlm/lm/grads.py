@@ -180,15 +180,17 @@ def _slopes(cell: str, hs: np.ndarray, cs: np.ndarray, acts: np.ndarray, H: int)
             sum(d.sum() for d in dss), sum(d.size for d in dss))
 
 
-def _last_step_gradient(logits: np.ndarray, y: np.ndarray, decoder_weight: np.ndarray):
-    """From the last step's logits (N, V) and targets y (N,): the loss of each window (N,)
-    and dL_T/dh^(L-1)_T (N, H), through the decoder (softmax - onehot, per window)."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    rows = np.arange(len(y))
-    dlogits = np.exp(logp)
-    dlogits[rows, y] -= 1.0
-    return -logp[rows, y], np.ascontiguousarray(dlogits @ decoder_weight)
+def _last_step_gradient(model: Model, top: np.ndarray, y: np.ndarray):
+    """From the last step's output-head input top (N, H) and targets y (N,): the loss of each
+    window (N,) and dL_T/dh^(L-1)_T (N, H), through the model's output head (any head)."""
+    N = len(y)
+    targets = np.ascontiguousarray(y)
+    loss = np.empty(N)
+    model.head.gather(model.params, top, targets, loss)
+    dtop = np.empty_like(top)
+    scratch = {n: np.zeros_like(a) for n, a in model.params.items()}
+    model.head.loss_and_backward(model.params, top, targets, 1.0, dtop, scratch)
+    return -loss, dtop
 
 
 def _all_slopes(cell: str, hs, cs, acts, t0: int, H: int) -> tuple:
@@ -221,7 +223,7 @@ def gradient_flow(model: Model, x: np.ndarray, y: np.ndarray, max_lag: int,
     acts = [a.copy() for a in ws.acts]                  # (S, N, width)
     emb = ws.emb.copy()                                 # (S, N, E)
     lstm = cfg.cell == "lstm"
-    loss, dtop = _last_step_gradient(ws.logits.reshape(S, N, -1)[-1], y, p["decoder.weight"])  # dtop into h^(L-1)_T
+    loss, dtop = _last_step_gradient(model, np.ascontiguousarray(ws.top.reshape(S, N, -1)[-1]), y)  # into h^(L-1)_T
 
     dh = np.zeros((L, K + 1, N, H))
     dc = np.zeros((L, K + 1, N, H)) if lstm else None

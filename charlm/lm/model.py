@@ -32,7 +32,9 @@ from ..config import ModelConfig
 from ..errors import CharlmError
 from ..kernels import gru, layers, lstm, rnn
 from ..kernels.sample import CELL_CODES, pack, stack_sample
+from ..kernels.sample import draw_tokens
 from .base import BaseModel, SampleStep, State
+from .heads import build_head
 
 _CELL_KERNELS = {
     "rnn": (rnn.rnn_forward, rnn.rnn_backward),
@@ -47,7 +49,7 @@ def acts_width(cfg: ModelConfig) -> int:
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of every parameter, in a fixed order."""
+    """Names and shapes of every parameter, in a fixed order (the output head's last)."""
     V, E, H, G = cfg.vocab_size, cfg.embed, cfg.hidden, cfg.gates
     shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (V, E)}
     for k in range(cfg.layers):
@@ -56,25 +58,27 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"rnn.weight_hh_l{k}"] = (G * H, H)
         shapes[f"rnn.bias_ih_l{k}"] = (G * H,)
         shapes[f"rnn.bias_hh_l{k}"] = (G * H,)
-    shapes["decoder.weight"] = (V, H)
-    shapes["decoder.bias"] = (V,)
+    shapes.update(build_head(cfg).param_shapes())
     return shapes
 
 
 def init_params(cfg: ModelConfig, rng: np.random.Generator, dtype=np.float32) -> dict[str, np.ndarray]:
     """PyTorch's initialisation for the recurrent layers (U(-1/sqrt(H), 1/sqrt(H)));
     embedding and decoder U(-0.1, 0.1) with a zero decoder bias, as in PyTorch's
-    word-language-model example, so the loss at initialisation is close to ln V."""
+    word-language-model example, so the loss at initialisation is close to ln V.
+    Drawn in param_shapes' order from rng (the head's own rule for its arrays)."""
     params = {}
     k = 1.0 / math.sqrt(cfg.hidden)
+    head = build_head(cfg)
     for name, shape in param_shapes(cfg).items():
         if name.startswith("rnn."):
             a = rng.uniform(-k, k, size=shape)
-        elif name == "decoder.bias":
-            a = np.zeros(shape)
-        else:
+        elif name == "embedding.weight":
             a = rng.uniform(-0.1, 0.1, size=shape)
+        else:
+            break  # the head's, drawn below in the same order
         params[name] = np.ascontiguousarray(a, dtype=dtype)
+    params.update(head.init_params(rng, dtype))
     return params
 
 
@@ -82,7 +86,7 @@ def check_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
     """Every expected array present, with the right shape and one float dtype, every value finite."""
     # far fewer arrays than the layers need (a forged `layers`): say so before building the list of
     # names; a few missing arrays are named below
-    if len(params) + 16 < 4 * cfg.layers + 3:
+    if len(params) + 16 < 4 * cfg.layers + 2:
         raise CharlmError(f"checkpoint has {len(params)} parameter arrays; {cfg.layers} layers need {4 * cfg.layers + 3}")
     shapes = param_shapes(cfg)
     missing = [n for n in shapes if n not in params]
@@ -103,11 +107,18 @@ def check_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
 class Workspace:
     """Every array one forward/backward pass over a (T, N) window needs, allocated once:
     emb (T, N, E); per layer k hs[k], cs[k] (T+1, N, H) with [0] the carried state (cs: lstm,
-    else a (1, 1, 1) dummy), acts[k] (T, N, acts_width) the activation caches; logits (M, V)."""
+    else a (1, 1, 1) dummy), acts[k] (T, N, acts_width) the activation caches; top (M, H) the
+    output head's input and dtop (M, H) its gradient.
+
+    Dropout (training passes): masks[k] scales layer k's input (k = 0: the embeddings, --dropout-in;
+    k > 0: the layer below's output, --dropout), mask_out the last layer's output (--dropout-out);
+    each (T, N, D), or (1, N, D) with --variational (one mask per window and stream). inputs[k] is
+    the dropped-out input layer k reads; used[k] the input the last pass gave layer k."""
 
     def __init__(self, cfg: ModelConfig, T: int, N: int, dtype):
-        L, E, H, V, GH = cfg.layers, cfg.embed, cfg.hidden, cfg.vocab_size, cfg.gates * cfg.hidden
+        L, E, H, GH = cfg.layers, cfg.embed, cfg.hidden, cfg.gates * cfg.hidden
         z = lambda *s: np.zeros(s, dtype=dtype)
+        Tm = 1 if cfg.variational else T
         self.emb = z(T, N, E)
         self.hs = [z(T + 1, N, H) for _ in range(L)]
         self.cs = [z(T + 1, N, H) if cfg.cell == "lstm" else z(1, 1, 1) for _ in range(L)]
@@ -116,11 +127,25 @@ class Workspace:
         self.dacts_h = z(T, N, GH) if cfg.cell == "gru" else self.dacts
         self.dhs = [z(T, N, H) for _ in range(L)]
         self.dx = [z(T, N, E if k == 0 else H) for k in range(L)]
-        self.inputs = [self.emb] + [z(T, N, H) if cfg.dropout > 0 else None for _ in range(L - 1)]
-        self.masks = [None] + [z(T, N, H) if cfg.dropout > 0 else None for _ in range(L - 1)]
-        self.logits = z(T * N, V)
+        rates = [cfg.dropout_in] + [cfg.dropout] * (L - 1)
+        self.inputs = [z(T, N, E if k == 0 else H) if rates[k] > 0 else None for k in range(L)]
+        self.masks = [z(Tm, N, E if k == 0 else H) if rates[k] > 0 else None for k in range(L)]
+        self.used: list = [None] * L
+        self.mask_out = z(Tm, N, H) if cfg.dropout_out > 0 else None
+        self.top_buf = z(T * N, H) if cfg.dropout_out > 0 else None
+        self.top = self.hs[-1][1:].reshape(T * N, H)
+        self.dtop = z(T * N, H) if cfg.dropout_out > 0 else self.dhs[-1].reshape(T * N, H)
+        self.out_dropped = False
         self.dh0 = z(N, H)
         self.dc0 = z(N, H)
+
+
+def _draw_mask(rng, p: float, mask: np.ndarray) -> np.ndarray:
+    """Fill mask (its shape: per step, or (1, N, D) variational) with inverted-dropout scales
+    (0 or 1 / (1 - p)) drawn from rng; returns it."""
+    keep = rng.random(mask.shape, dtype=np.float32) >= p
+    np.multiply(keep, 1.0 / (1.0 - p), out=mask, casting="unsafe")
+    return mask
 
 
 class Model(BaseModel):
@@ -138,37 +163,43 @@ class Model(BaseModel):
 
     # ---------------------------------------------------------------- forward
     def _forward(self, x: np.ndarray, state: State, rng: np.random.Generator | None) -> Workspace:
-        """Run the stack over ids x (T, N); fills the workspace up to logits (M, V).
-        Dropout masks are drawn from rng when it is given (training), else no dropout."""
+        """Run the stack over ids x (T, N); fills the workspace up to top (M, H). Dropout masks
+        are drawn from rng when it is given (training), else no dropout; the draws come in the
+        order embeddings, between layers bottom up, output (StreamDropout counts them)."""
         T, N = x.shape
         cfg, p = self.cfg, self.params
         ws = self._workspace(T, N)
         ids = np.ascontiguousarray(x).reshape(T * N)
         layers.embedding_forward(ws.emb.reshape(T * N, cfg.embed), ids, p["embedding.weight"])
+        rates = [cfg.dropout_in] + [cfg.dropout] * (cfg.layers - 1)
         for k in range(cfg.layers):
-            if k == 0:
-                inp = ws.emb
-            elif rng is not None and cfg.dropout > 0:
-                keep = rng.random(ws.masks[k].shape, dtype=np.float32) >= cfg.dropout
-                np.multiply(keep, 1.0 / (1.0 - cfg.dropout), out=ws.masks[k], casting="unsafe")
+            inp = ws.emb if k == 0 else ws.hs[k - 1][1:]
+            if rng is not None and rates[k] > 0:
+                np.multiply(inp, _draw_mask(rng, rates[k], ws.masks[k]), out=ws.inputs[k])
                 inp = ws.inputs[k]
-                np.multiply(ws.hs[k - 1][1:], ws.masks[k], out=inp)
-            else:
-                inp = ws.hs[k - 1][1:]
+            ws.used[k] = inp
             ws.hs[k][0] = state.h[k]
             if cfg.cell == "lstm":
                 ws.cs[k][0] = state.c[k]
             self._fwd(ws.hs[k], ws.cs[k], ws.acts[k], inp,
                       p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"],
                       p[f"rnn.bias_ih_l{k}"], p[f"rnn.bias_hh_l{k}"], numba.get_num_threads())
-        top = ws.hs[-1][1:].reshape(T * N, cfg.hidden)
-        layers.linear_forward(ws.logits, top, p["decoder.weight"], p["decoder.bias"], numba.get_num_threads())
+        ws.out_dropped = rng is not None and cfg.dropout_out > 0
+        top = ws.hs[-1][1:]
+        if ws.out_dropped:
+            np.multiply(top, _draw_mask(rng, cfg.dropout_out, ws.mask_out), out=ws.top_buf.reshape(T, N, -1))
+            ws.top = ws.top_buf
+        else:
+            ws.top = top.reshape(T * N, cfg.hidden)
         return ws
 
     def _final_state(self, ws: Workspace) -> State:
         h = np.stack([hs[-1] for hs in ws.hs])
         c = np.stack([cs[-1] for cs in ws.cs]) if self.cfg.cell == "lstm" else np.zeros_like(h)
         return State(h, c)
+
+    def _dtop(self, ws: Workspace) -> np.ndarray:
+        return ws.dtop  # without output dropout, the top layer's dhs itself
 
     # --------------------------------------------------------------- backward
     def layer_backward(self, k: int, dx: np.ndarray, grads: dict[str, np.ndarray], dh0: np.ndarray,
@@ -190,39 +221,59 @@ class Model(BaseModel):
 
     def _backward(self, ws: Workspace, x: np.ndarray, grads: dict[str, np.ndarray],
                   rng: np.random.Generator | None) -> None:
-        """Backpropagation through the window: decoder, layers top to bottom, embedding."""
-        cfg, p = self.cfg, self.params
+        """Backpropagation through the window, from dL/dtop (the head's): layers top to bottom,
+        then the embedding (its gradient adds to the tied decoder's, which the head wrote)."""
+        cfg = self.cfg
         T, N = x.shape
         M = T * N
-        for d in ws.dhs:
+        for d in ws.dhs[:-1]:
             d.fill(0)
         ws.dh0.fill(0)
         ws.dc0.fill(0)
-        top = ws.hs[-1][1:].reshape(M, cfg.hidden)
-        layers.linear_backward(ws.dhs[-1].reshape(M, cfg.hidden), grads["decoder.weight"],
-                               grads["decoder.bias"], ws.logits, top, p["decoder.weight"], numba.get_num_threads())
-        dropout = cfg.dropout > 0 and rng is not None
+        if ws.out_dropped:
+            np.multiply(ws.dtop.reshape(T, N, -1), ws.mask_out, out=ws.dhs[-1])
+        elif cfg.dropout_out > 0:
+            ws.dhs[-1][...] = ws.dtop.reshape(T, N, -1)  # output dropout configured but off (no rng)
         for k in range(cfg.layers - 1, -1, -1):
-            inp = ws.emb if k == 0 else (ws.inputs[k] if dropout else ws.hs[k - 1][1:])
+            inp = ws.used[k]
             dx = ws.dx[k]
             dx.fill(0)
             self.layer_backward(k, dx, grads, ws.dh0, ws.dc0, ws.dacts, ws.dacts_h, ws.dhs[k],
                                 ws.hs[k], ws.cs[k], ws.acts[k], inp)
+            if ws.inputs[k] is not None and inp is ws.inputs[k]:  # this pass dropped the input out
+                np.multiply(dx, ws.masks[k], out=dx)
             if k > 0:
-                if dropout:
-                    np.multiply(dx, ws.masks[k], out=dx)
                 ws.dhs[k - 1] += dx
         layers.embedding_backward(grads["embedding.weight"], ws.dx[0].reshape(M, cfg.embed),
                                   np.ascontiguousarray(x).reshape(M))
 
     # --------------------------------------------------------------- sampling
     def sampler(self) -> SampleStep:
-        """The compiled stack sampler over this model's packed weights (see BaseModel.sampler)."""
+        """The compiled stack sampler over this model's packed weights (see BaseModel.sampler);
+        with the adaptive softmax, steps of the model's own forward pass and exact log-probabilities."""
+        if self.cfg.softmax != "full":
+            return self._stepwise_sampler()
         parts = numba.get_num_threads()
-        packed = pack(self.params, self.cfg.layers, parts=parts)
+        params = self.params if not self.cfg.tie else {**self.params, "decoder.weight": self.params["embedding.weight"]}
+        packed = pack(params, self.cfg.layers, parts=parts)
         code = CELL_CODES[self.cfg.cell]
 
         def step(out, lps, hs, cs, seen, feed, u, temperature, top_k, top_p, penalty, greedy):
             stack_sample(out, lps, hs, cs, seen, feed, u, code, *packed, temperature, top_k, top_p, penalty,
                          greedy, parts)
+        return step
+
+    def _stepwise_sampler(self) -> SampleStep:
+        """BaseModel.sampler's step from logits_last, one token at a time: draws from the exact
+        distribution of any head."""
+        def step(out, lps, hs, cs, seen, feed, u, temperature, top_k, top_p, penalty, greedy):
+            state = State(hs, cs)
+            scores, state = self.logits_last(np.asarray(feed, dtype=np.int32).reshape(-1, 1), state)
+            for i in range(len(out)):
+                draw_tokens(out[i:i + 1], lps[i:i + 1], seen[None], scores, u[i:i + 1], temperature, top_k,
+                            top_p, penalty, greedy)
+                if i + 1 < len(out):
+                    scores, state = self.logits_last(out[i:i + 1].reshape(1, 1), state)
+            hs[...] = state.h
+            cs[...] = state.c
         return step
