@@ -3,7 +3,14 @@ check that PyTorch gives the same per-token log-probabilities as charlm.
 
     python benchmarks/torch_equivalence.py [CHECKPOINT_OR_RUN] [--text TEXT]
 
-Without a checkpoint, a fresh model of each cell (2 layers) is built and checked.
+Without a checkpoint, a fresh model of each cell (2 layers) is built and checked, then an LSTM
+with a tied decoder and one with the adaptive softmax (word level).
+
+Names: a checkpoint's arrays are the state_dict keys of a module with attributes embedding, rnn and
+decoder. Tied (--tie): the checkpoint has no decoder.weight; torch's module shares the embedding's
+(decoder.weight = embedding.weight, as PyTorch's word_language_model example ties them). Adaptive
+(--softmax adaptive): decoder is nn.AdaptiveLogSoftmaxWithLoss(hidden, vocab, cutoffs, div_value,
+head_bias=True) and decoder.head.*, decoder.tail.{i}.{0,1}.weight load into it as they are.
 Needs the `bench` extra (PyTorch). Exits non-zero if any difference exceeds 1e-4.
 """
 from __future__ import annotations
@@ -30,10 +37,19 @@ def torch_net(cfg: ModelConfig, params: dict[str, np.ndarray]) -> torch.nn.Modul
             super().__init__()
             self.embedding = torch.nn.Embedding(cfg.vocab_size, cfg.embed)
             self.rnn = cell(cfg.embed, cfg.hidden, cfg.layers)
-            self.decoder = torch.nn.Linear(cfg.hidden, cfg.vocab_size)
+            if cfg.softmax == "adaptive":
+                self.decoder = torch.nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden, cfg.vocab_size, list(cfg.cutoffs),
+                                                                   div_value=cfg.div_value, head_bias=True)
+            else:
+                self.decoder = torch.nn.Linear(cfg.hidden, cfg.vocab_size)
+            if cfg.tie:
+                self.decoder.weight = self.embedding.weight
 
     net = Net()
-    net.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in params.items()})
+    state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in params.items()}
+    if cfg.tie:
+        state["decoder.weight"] = state["embedding.weight"]
+    net.load_state_dict(state)
     return net.eval()
 
 
@@ -44,7 +60,10 @@ def torch_logprobs(net, vocab: Vocab, text: str) -> np.ndarray:
     with torch.no_grad():
         x = torch.from_numpy(inputs.astype(np.int64))[:, None]         # (T, 1)
         out, _ = net.rnn(net.embedding(x))                              # (T, 1, H)
-        lp = torch.log_softmax(net.decoder(out[:, 0]), dim=-1)         # (T, V)
+        if isinstance(net.decoder, torch.nn.AdaptiveLogSoftmaxWithLoss):
+            lp = net.decoder.log_prob(out[:, 0])                        # (T, V)
+        else:
+            lp = torch.log_softmax(net.decoder(out[:, 0]), dim=-1)     # (T, V)
         return lp[torch.arange(len(targets)), torch.from_numpy(targets.astype(np.int64))].double().numpy()
 
 
@@ -69,6 +88,12 @@ def main() -> int:
             cfg = ModelConfig(cell=cell, vocab_size=len(vocab), embed=16, hidden=32, layers=2)
             params = Model.create(cfg, seed=1).params
             results[cell] = check(cfg, params, vocab, args.text)
+        words = Vocab.words_from_text("the cat sat on the mat and the dog sat on the log " * 3 + args.text)
+        for name, opts in (("lstm tied", {"tie": True, "embed": 32}),
+                           ("lstm adaptive", {"softmax": "adaptive", "cutoffs": (4, 9), "div_value": 2.0})):
+            cfg = ModelConfig(**{"cell": "lstm", "vocab_size": len(words), "embed": 16, "hidden": 32, "layers": 2,
+                                 **opts})
+            results[name] = check(cfg, Model.create(cfg, seed=1).params, words, args.text.lower())
     print(json.dumps({"max_abs_logprob_diff": results}))
     return 0 if max(results.values()) < 1e-4 else 1
 

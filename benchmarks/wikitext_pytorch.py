@@ -9,6 +9,14 @@ charlm's tokenisation: whitespace-separated words plus <eos> at each line end,
 the vocabulary being every word of the training file.
 
     python benchmarks/wikitext_pytorch.py --minutes 30 --threads 1 > torch.json
+    python benchmarks/wikitext_pytorch.py --recipe example --minutes 30 --threads 1
+
+--recipe example follows the recipe of PyTorch's word_language_model example instead (its
+defaults: tied decoder, dropout 0.2 on the embeddings, between the layers and on the output, plain
+SGD at learning rate 20 with gradient clipping at 0.25, the rate divided by 4 after an epoch whose
+validation loss did not improve, the best model by validation kept); the clock counts those
+validations too (the budget is wall time, as charlm's --minutes). Validation then also runs when the
+budget ends mid-epoch, so the last part of training counts.
 
 Prints one JSON object: tokens/s, steps, val and test perplexity.
 Needs the `bench` extra (PyTorch). Corpus: ../shared/corpora/wikitext-2/.
@@ -37,18 +45,21 @@ def tokens(path: Path) -> list[str]:
 
 
 class Net(torch.nn.Module):
-    def __init__(self, V, E, H, L):
+    def __init__(self, V, E, H, L, dropout=0.0, tie=False):
         super().__init__()
         self.embedding = torch.nn.Embedding(V, E)
-        self.rnn = torch.nn.LSTM(E, H, L)
+        self.rnn = torch.nn.LSTM(E, H, L, dropout=dropout if L > 1 else 0.0)
         self.decoder = torch.nn.Linear(H, V)
+        self.drop = torch.nn.Dropout(dropout)
         torch.nn.init.uniform_(self.embedding.weight, -0.1, 0.1)   # as charlm initialises them
         torch.nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
         torch.nn.init.zeros_(self.decoder.bias)
+        if tie:
+            self.decoder.weight = self.embedding.weight
 
     def forward(self, x, state):
-        out, state = self.rnn(self.embedding(x), state)
-        return self.decoder(out), state
+        out, state = self.rnn(self.drop(self.embedding(x)), state)
+        return self.decoder(self.drop(out)), state
 
 
 def evaluate(net, ids: torch.Tensor, eos: int, window: int = 256) -> float:
@@ -81,7 +92,11 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--clip", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recipe", choices=("same", "example"), default="same",
+                    help="same: charlm's configuration (Adam, no dropout); example: PyTorch's word_language_model recipe")
     args = ap.parse_args()
+    if args.recipe == "example":
+        args.lr, args.clip = 20.0, 0.25
     if not (args.data / "train.txt").is_file():
         print(json.dumps({"skipped": f"no corpus at {args.data}"}))
         return 0
@@ -101,15 +116,32 @@ def main() -> int:
     Ls = (len(train_ids) - 1) // N
     streams = train_ids[:N * Ls + 1]
     offs = torch.arange(N) * Ls
-    net = Net(V, args.embed, args.hidden, args.layers)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    example = args.recipe == "example"
+    net = Net(V, args.embed, args.hidden, args.layers, dropout=0.2 if example else 0.0, tie=example)
+    opt = (torch.optim.SGD if example else torch.optim.Adam)(net.parameters(), lr=args.lr)
+    best_val, best_state, lr, evals = math.inf, None, args.lr, []
+    started = time.perf_counter()
+
+    def validate():  # the example's end of epoch: keep the best, else anneal
+        nonlocal best_val, best_state, lr
+        val = -evaluate(net, val_ids, eos) / len(val_ids)
+        evals.append({"step": steps, "val_ppl": math.exp(val), "lr": lr})
+        if val < best_val:
+            best_val, best_state = val, {k: v.clone() for k, v in net.state_dict().items()}
+        else:
+            lr /= 4.0
+            for g in opt.param_groups:
+                g["lr"] = lr
+
     lossf = torch.nn.CrossEntropyLoss()
     state = None
     steps = 0
     train_s = 0.0
     k = 0
-    while train_s < args.minutes * 60:
+    while (time.perf_counter() - started if example else train_s) < args.minutes * 60:
         if (k + 1) * T > Ls:
+            if example:
+                validate()
             k, state = 0, None
         idx = offs[None, :] + k * T + torch.arange(T)[:, None]
         x, y = streams[idx], streams[idx + 1]
@@ -127,13 +159,17 @@ def main() -> int:
         steps += 1
         k += 1
     tokens_per_s = steps * N * T / train_s
+    if example:
+        validate()
+        net.load_state_dict(best_state)
     val_lp = evaluate(net, val_ids, eos)
     test_lp = evaluate(net, test_ids, eos)
     print(json.dumps({
         "side": "pytorch", "torch": torch.__version__, "threads": args.threads, "vocab": V,
         "steps": steps, "train_seconds": train_s, "tokens_per_s": tokens_per_s,
         "val_ppl": math.exp(-val_lp / len(val_ids)), "test_ppl": math.exp(-test_lp / len(test_ids)),
-        "val_tokens": len(val_ids), "test_tokens": len(test_ids),
+        "val_tokens": len(val_ids), "test_tokens": len(test_ids), "recipe": args.recipe, "evals": evals,
+        "wall_seconds": time.perf_counter() - started,
     }))
     return 0
 

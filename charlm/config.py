@@ -180,6 +180,14 @@ class TrainConfig:
     lower: bool = False     # word level: lower-case the text
     min_count: int = 1      # word level: keep words seen at least this often
     max_vocab: int = 50_000  # word level: at most this many tokens, <eos> and <unk> included
+    # the learning-rate schedule (charlm.lm.train.scheduled_lr) and early stopping
+    lr_schedule: str = "constant"  # constant | plateau (divide by lr_decay when validation did not improve) | cosine
+    lr_decay: float = 4.0   # plateau: the divisor
+    warmup: int = 0         # linear warm-up over the first warmup steps (0: none)
+    patience: int = 0       # stop after this many evaluations in a row without improvement (0: never)
+    min_lr: float = 0.0     # plateau never divides below it; cosine anneals down to it
+
+    LR_SCHEDULES = ("constant", "plateau", "cosine")  # (not a field: no annotation)
 
     def __post_init__(self):
         _positive("--seq-len", self.seq_len, limit=MAX_SIZE)
@@ -206,6 +214,19 @@ class TrainConfig:
             raise CharlmError(f"--max-vocab must be at least 3, got {self.max_vocab!r}")
         if not 0.0 < self.val_frac < 0.5:
             raise CharlmError(f"--val-frac must be between 0 and 0.5, got {self.val_frac}")
+        if self.lr_schedule not in self.LR_SCHEDULES:
+            raise CharlmError(f"--lr-schedule must be one of {', '.join(self.LR_SCHEDULES)}, "
+                              f"got {str(self.lr_schedule)[:40]!r}")
+        _finite("--lr-decay", self.lr_decay, -math.inf)
+        if not 1.0 < self.lr_decay <= 1e6:
+            raise CharlmError(f"--lr-decay must be over 1 (the learning rate is divided by it), got {self.lr_decay}")
+        for name in ("warmup", "patience"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 48:
+                raise CharlmError(f"--{name} must be a whole number, 0 (off) or more, got {str(v)[:40]}")
+        _finite("--min-lr", self.min_lr)
+        if self.min_lr >= self.lr:
+            raise CharlmError(f"--min-lr must be below --lr ({self.lr:g}), got {self.min_lr:g}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,9 +13,9 @@ from tests.helpers import SCORE_KEYS, TINY, failed, make_checkpoint, ok, option_
 
 TRAIN_TINY = ["--steps", "3", "--hidden", "8", "--layers", "1", "--embed", "4", "--seq-len", "8",
               "--batch", "2", "--eval-every", "2", "--sample-length", "10"]
-EVAL_KEYS = {"event", "step", "train_loss", "val_bpc", "tokens_per_s"}
+EVAL_KEYS = {"event", "step", "train_loss", "val_bpc", "tokens_per_s", "lr"}
 DONE_KEYS = {"event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "clipped_fraction",
-             "grad_norm_median", "checkpoint"}
+             "grad_norm_median", "checkpoint", "reason"}
 
 
 def score_json(result):

@@ -11,7 +11,7 @@ from rich.table import Table
 from .common import dumps, err, finite_or_none, out, warn
 
 _DONE_KEYS = ("event", "steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "clipped_fraction",
-              "grad_norm_median", "checkpoint")
+              "grad_norm_median", "checkpoint", "reason")
 
 
 def render_training(events: Iterable[dict], as_json: bool, quiet: bool, level: str = "char") -> dict:
@@ -28,16 +28,19 @@ def render_training(events: Iterable[dict], as_json: bool, quiet: bool, level: s
 
 
 def render_json(events: Iterable[dict], level: str = "char") -> dict:
-    """One JSON object per line for the eval, nonfinite and done events; notes go to stderr."""
+    """One JSON object per line for the eval (with the learning rate of its last step), nonfinite and done
+    (with why training stopped: "budget", "interrupted" or "patience") events; notes go to stderr."""
     done = None
     for ev in events:
         kind = ev["event"]
         if kind == "eval":
             rec = {"event": "eval", "step": ev["step"], "train_loss": finite_or_none(ev["train_loss"]),
-                   "val_bpc": finite_or_none(ev["val_bpc"]), "tokens_per_s": ev["tokens_per_s"]}
+                   "val_bpc": finite_or_none(ev["val_bpc"]), "tokens_per_s": ev["tokens_per_s"], "lr": ev["lr"]}
             if level == "word":
                 rec["val_ppl"] = finite_or_none(ev["val_ppl"])
             print(dumps(rec), flush=True)
+            if ev["lr_decayed"]:
+                err.print(f"[yellow]note:[/] {_decay_message(ev)}", soft_wrap=True)
         elif kind == "done":
             done = ev
             keys = _DONE_KEYS + (("best_val_ppl",) if level == "word" else ())
@@ -61,7 +64,8 @@ def render_progress(events: Iterable[dict], quiet: bool, level: str = "char") ->
     progress = Progress(
         TextColumn("[bold]train[/]"), BarColumn(), TaskProgressColumn(),
         TextColumn("step {task.fields[step]}"), TextColumn("train {task.fields[loss]} " + unit),
-        TextColumn("val {task.fields[bpc]} " + unit), TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("val {task.fields[bpc]} " + unit), TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
         TimeRemainingColumn(), console=err, transient=False)
     task = done = status = start = None
     last_bpc = "-"
@@ -85,18 +89,20 @@ def render_progress(events: Iterable[dict], quiet: bool, level: str = "char") ->
                           f"{ev['run_dir']}")
                 progress.start()
                 task = progress.add_task("train", total=ev["total_steps"] or ev["deadline_s"], step=0, loss="-",
-                                         bpc="-", tps="-")
+                                         bpc="-", tps="-", lr="-")
             elif kind == "step":
                 completed = ev["step"] if start["total_steps"] else min(ev["elapsed_s"], start["deadline_s"])
                 progress.update(task, completed=completed, step=ev["step"], loss=f"{in_unit(ev['loss']):.3f}",
-                                bpc=last_bpc, tps=f"{ev['tokens_per_s']:,.0f}")
+                                bpc=last_bpc, tps=f"{ev['tokens_per_s']:,.0f}", lr=f"{ev['lr']:.3g}")
             elif kind == "nonfinite":
                 progress.console.print(f"[yellow]step {ev['step']}: loss is not finite; update skipped, "
                                        f"learning rate halved to {ev['lr']:g}[/]")
             elif kind == "eval":
                 metric = ev["val_ppl"] if level == "word" else ev["val_bpc"]
                 last_bpc = f"{metric:.3f}" if math.isfinite(metric) else "-"
-                progress.update(task, bpc=last_bpc)
+                progress.update(task, bpc=last_bpc, lr=f"{ev['lr_next']:.3g}")
+                if ev["lr_decayed"]:
+                    progress.console.print(f"[yellow]{_decay_message(ev)}[/]")
                 if not quiet and ev["sample"]:
                     progress.console.print(f"[dim]── step {ev['step']}, val {last_bpc} {unit} ──[/]")
                     progress.console.print(escape(ev["sample"]), soft_wrap=True)
@@ -109,6 +115,12 @@ def render_progress(events: Iterable[dict], quiet: bool, level: str = "char") ->
             status.stop()
         progress.stop()
     return done
+
+
+def _decay_message(ev: dict) -> str:
+    """What the plateau schedule did at an evaluation."""
+    return (f"step {ev['step']}: the validation loss is not the best yet; learning rate divided to "
+            f"{ev['lr_next']:.3g} (--lr-schedule plateau)")
 
 
 def summary_table(done: dict, level: str = "char") -> Table:
@@ -129,6 +141,11 @@ def summary_table(done: dict, level: str = "char") -> Table:
                      if done.get("grad_norm_median") is not None else ""))
     if done.get("best_step") is not None:
         table.add_row("best at step", f"{done['best_step']:,}")
+    if done.get("lr") is not None:
+        table.add_row("learning rate", f"{done['lr']:.3g} (at the end)")
+    if done.get("reason") == "patience":
+        table.add_row("stopped early", f"the validation loss was not the best yet at {done['patience']} evaluations "
+                                       f"in a row (--patience {done['patience']})")
     table.add_row("best checkpoint", done["checkpoint"])
     table.add_row("latest checkpoint", done["latest"])
     return table

@@ -17,9 +17,14 @@ from .render_train import render_training
 # The arguments and options of `charlm train`. Their defaults, and what they mean, are the library's:
 # charlm.lm.run.DEFAULTS and charlm.lm.run.train().
 _ESN = "Echo State Network (--cell esn)"
-Corpus = Annotated[Optional[str], typer.Argument(
-    help="UTF-8 text file to learn from ('-' reads standard input). Without it, the English documentation text "
-         "shipped with every CPython (pydoc_data.topics, ~460 KB).", show_default=False)]
+_WORD = "Regularisation and output layer"
+_SCHEDULE = "Learning-rate schedule and early stopping"
+Corpus = Annotated[Optional[list[str]], typer.Argument(
+    help="UTF-8 text files and directories to learn from (.gz, .bz2 and .xz are decompressed; '-' alone reads "
+         "standard input). Files are read in the order given; a directory's files (recursively, regular files "
+         "only, hidden ones skipped) in sorted path order; each file ends a line. Without it, the English "
+         "documentation text shipped with every CPython (pydoc_data.topics, ~460 KB).", show_default=False,
+    metavar="CORPUS")]
 Cell = Annotated[str, typer.Option(help="Recurrent cell: rnn, gru, lstm, or esn (an Echo State Network: a fixed "
                                         "random reservoir, only the readout is trained).")]
 Hidden = Annotated[int, typer.Option(help="Hidden units per layer.")]
@@ -31,6 +36,39 @@ Lr = Annotated[float, typer.Option(help="Learning rate.")]
 Optimizer = Annotated[str, typer.Option(help="adam or sgd.")]
 Clip = Annotated[float, typer.Option(help="Clip the global gradient norm to this value; 0 turns clipping off.")]
 Dropout = Annotated[float, typer.Option(help="Dropout between stacked layers, in [0, 1).")]
+DropoutIn = Annotated[float, typer.Option("--dropout-in", help="Dropout on the embeddings (the first layer's "
+                                          "input), in [0, 1); training only.", rich_help_panel=_WORD)]
+DropoutOut = Annotated[float, typer.Option("--dropout-out", help="Dropout on the last layer's output (the decoder's "
+                                           "input), in [0, 1); training only.", rich_help_panel=_WORD)]
+Variational = Annotated[bool, typer.Option(help="Variational dropout: one mask per window and stream, shared by its "
+                                                "time steps (without it: a new mask at every step).",
+                                           rich_help_panel=_WORD)]
+Tie = Annotated[bool, typer.Option(help="Tie the decoder to the embedding table (one matrix for both); needs "
+                                        "--embed equal to --hidden.", rich_help_panel=_WORD)]
+Softmax = Annotated[str, typer.Option(help="Output layer: full, or adaptive (Grave et al. 2017: frequent words in a "
+                                           "head, rare ones in smaller tail clusters), for large word vocabularies "
+                                           "(--level word only).", rich_help_panel=_WORD)]
+Cutoffs = Annotated[Optional[str], typer.Option(
+    help="--softmax adaptive: ascending token ids where the head and each tail cluster end, e.g. 2000,10000. "
+         "Default: those of 2000,10000,50000 below the vocabulary size (one cut at half a vocabulary under 2,000).",
+    show_default=False, rich_help_panel=_WORD)]
+DivValue = Annotated[float, typer.Option("--div-value", help="--softmax adaptive: tail cluster i projects to hidden "
+                                         "/ div-value^(i+1) units.", rich_help_panel=_WORD)]
+LrSchedule = Annotated[str, typer.Option("--lr-schedule", help="constant; plateau (divide the rate by --lr-decay "
+                                         "after each evaluation whose validation loss is not the best yet); or "
+                                         "cosine (anneal to --min-lr as 0.5 (1 + cos(pi step/budget)) over the "
+                                         "run's --steps or --epochs, which it needs: a --minutes budget alone is "
+                                         "refused, as the rates would depend on the machine's speed).",
+                                         rich_help_panel=_SCHEDULE)]
+LrDecay = Annotated[float, typer.Option("--lr-decay", help="--lr-schedule plateau: the divisor.",
+                                        rich_help_panel=_SCHEDULE)]
+Warmup = Annotated[int, typer.Option(help="Raise the rate linearly from lr/STEPS to lr over the first STEPS steps "
+                                          "(0: no warm-up); with any schedule.", metavar="STEPS",
+                                     rich_help_panel=_SCHEDULE)]
+Patience = Annotated[int, typer.Option(help="Stop after N evaluations in a row whose validation loss is not the "
+                                            "best yet (0: never).", metavar="N", rich_help_panel=_SCHEDULE)]
+MinLr = Annotated[float, typer.Option("--min-lr", help="The floor: plateau never divides below it, cosine "
+                                      "anneals down to it.", rich_help_panel=_SCHEDULE)]
 Units = Annotated[int, typer.Option(help="ESN: reservoir units.", rich_help_panel=_ESN)]
 Leak = Annotated[float, typer.Option(help="ESN: leak rate a in (0, 1]: h = (1-a) h + a tanh(...).",
                                      rich_help_panel=_ESN)]
@@ -98,6 +136,18 @@ def train_cmd(
     optimizer: Optimizer = DEFAULTS["optimizer"],
     clip: Clip = DEFAULTS["clip"],
     dropout: Dropout = DEFAULTS["dropout"],
+    dropout_in: DropoutIn = DEFAULTS["dropout_in"],
+    dropout_out: DropoutOut = DEFAULTS["dropout_out"],
+    variational: Variational = DEFAULTS["variational"],
+    tie: Tie = DEFAULTS["tie"],
+    softmax: Softmax = DEFAULTS["softmax"],
+    cutoffs: Cutoffs = DEFAULTS["cutoffs"],
+    div_value: DivValue = DEFAULTS["div_value"],
+    lr_schedule: LrSchedule = DEFAULTS["lr_schedule"],
+    lr_decay: LrDecay = DEFAULTS["lr_decay"],
+    warmup: Warmup = DEFAULTS["warmup"],
+    patience: Patience = DEFAULTS["patience"],
+    min_lr: MinLr = DEFAULTS["min_lr"],
     units: Units = DEFAULTS["units"],
     leak: Leak = DEFAULTS["leak"],
     sr: Sr = DEFAULTS["sr"],
@@ -136,27 +186,38 @@ def train_cmd(
     gc_on()  # a long run: the cyclic collector back on (off for start-up)
     from ..lm import run
 
-    # given on the command line: what may contradict a checkpoint (the rest takes the library's defaults)
-    given = {name: ctx.params[name] for name in DEFAULTS
-             if name != "out" and ctx.get_parameter_source(name).name == "COMMANDLINE"}
-    if out_dir is not None:
-        given["out"] = out_dir
     # --json and --quiet show no samples during training: none are drawn (a bad value is still refused)
-    given["sample_length"] = 0 if (quiet or as_json) and sample_length > 0 else sample_length
+    given = _given(ctx, out_dir, 0 if (quiet or as_json) and sample_length > 0 else sample_length)
     try:
-        plan = run.plan(corpus, **given)
+        plan = run.plan(corpus or None, **given)  # one path, several, or none: run.plan takes each
         with StopFlag() as stop, limit_threads(threads):
             # under MPI every rank renders, but only rank 0's output is shown (charlm.cli.app)
             done = render_training(plan.events(should_stop=stop), as_json, quiet, plan.level)
         if stop.signum or done["reason"] == "interrupted":  # (under MPI: a signal to any rank stops all)
-            by = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
-            err.print(f"stopped by {by} at step {done['steps']}; checkpoint saved to "
-                      f"{done['latest']}. Continue with: charlm train --resume {done['run_dir']}")
-            raise typer.Exit(128 + (stop.signum or signal.SIGINT))
+            _stopped(stop.signum, done)
         if sample_length and not as_json and done["checkpoint"]:
             _final_sample(done["checkpoint"], sample_length, seed)
     except CharlmError as e:
         fail(str(e))
+
+
+def _given(ctx: typer.Context, out_dir: Optional[str], sample_length: int) -> dict:
+    """The options given on the command line: what may contradict a checkpoint (the rest takes the
+    library's defaults); --out and --sample-length always."""
+    given = {name: ctx.params[name] for name in DEFAULTS
+             if name != "out" and ctx.get_parameter_source(name).name == "COMMANDLINE"}
+    if out_dir is not None:
+        given["out"] = out_dir
+    given["sample_length"] = sample_length
+    return given
+
+
+def _stopped(signum: int, done: dict) -> None:
+    """A run stopped by a signal: say how to continue it, and exit with 128 + the signal's number."""
+    by = signal.Signals(signum).name if signum else "a signal to another process"
+    err.print(f"stopped by {by} at step {done['steps']}; checkpoint saved to "
+              f"{done['latest']}. Continue with: charlm train --resume {done['run_dir']}")
+    raise typer.Exit(128 + (signum or signal.SIGINT))
 
 
 def _final_sample(checkpoint: str, length: int, seed: int) -> None:

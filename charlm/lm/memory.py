@@ -24,8 +24,35 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
         readout = V * H + V
         return V * H + H + 2 * H * k + H + 1 + readout, readout
     layers = G * H * (E + H + 2) + (L - 1) * G * H * (2 * H + 2)
-    total = V * E + layers + V * H + V
+    total = V * E + layers + _head_params(cfg, V, H)
     return total, total
+
+
+def _head_params(cfg: ModelConfig, V: int, H: int) -> int:
+    """The output head's parameters: the decoder (no weight of its own when tied), or the
+    adaptive softmax's head and tails (their projections narrow by div_value per cluster)."""
+    if cfg.softmax != "adaptive":
+        return V + (0 if cfg.tie else V * H)
+    c = _cutoffs(cfg, V)
+    n = (c[0] + len(c) - 1) * (H + 1)
+    for i in range(len(c) - 1):
+        hsz = max(1, int(H // (cfg.div_value ** (i + 1))))
+        n += hsz * H + (c[i + 1] - c[i]) * hsz
+    return n
+
+
+def _cutoffs(cfg: ModelConfig, V: int) -> list[int]:
+    return list((cfg if cfg.cutoffs else cfg.with_vocab(V)).cutoffs) + [V]
+
+
+def _logit_floats(cfg: ModelConfig, M: int, V: int) -> int:
+    """Scores of M rows: all V for the full softmax; for the adaptive one the head's, plus (at
+    most) every row through the widest tail, twice (its logits and their gradient)."""
+    if cfg.softmax != "adaptive":
+        return M * V
+    c = _cutoffs(cfg, V)
+    widest = max(c[i + 1] - c[i] for i in range(len(c) - 1))
+    return M * (c[0] + len(c) - 1) + 2 * M * (widest + cfg.hidden)
 
 
 def workspace_floats(cfg: ModelConfig, T: int, N: int) -> int:
@@ -38,7 +65,8 @@ def workspace_floats(cfg: ModelConfig, T: int, N: int) -> int:
     n += T * N * G * H * (2 if cfg.cell == "gru" else 1) + L * T * N * H + L * T * N * max(E, H)
     if cfg.dropout > 0:
         n += 2 * (L - 1) * T * N * H
-    return n + T * N * V + 2 * N * H
+    n += 2 * T * N * E * (cfg.dropout_in > 0) + 3 * T * N * H * (cfg.dropout_out > 0)
+    return n + _logit_floats(cfg, T * N, V) + 2 * N * H
 
 
 def training_bytes(cfg: ModelConfig, tcfg: TrainConfig, itemsize: int = 4) -> int:

@@ -15,8 +15,21 @@ are those of a PyTorch module with attributes ``embedding`` (nn.Embedding),
     decoder.weight          (V, H)
     decoder.bias            (V,)
 
-Dropout p (if > 0) is applied to the output of every recurrent layer but the
-last, as torch.nn.LSTM(dropout=p) does.
+Tied (--tie, embed == hidden): there is no decoder.weight; the decoder's weight is
+embedding.weight (in torch: ``decoder.weight = embedding.weight``). Adaptive softmax
+(--softmax adaptive): ``decoder`` is nn.AdaptiveLogSoftmaxWithLoss(H, V, cutoffs,
+div_value, head_bias=True) and its arrays are its state_dict's (charlm.lm.adaptive):
+
+    decoder.head.weight         (c0 + K, H)    c0 = cutoffs[0], K tail clusters
+    decoder.head.bias           (c0 + K,)
+    decoder.tail.{i}.0.weight   (H // div_value**(i+1), H)
+    decoder.tail.{i}.1.weight   (cluster i's words, H // div_value**(i+1))
+
+Dropout (training only): --dropout p on the output of every recurrent layer but the
+last, as torch.nn.LSTM(dropout=p) does; --dropout-in on the embeddings and
+--dropout-out on the last layer's output, as PyTorch's word-language-model example
+(nn.Dropout before the LSTM and before the decoder); --variational draws one mask
+per window and stream, shared by its time steps (Gal & Ghahramani 2016).
 
 Dimensions: N batch, T time, V vocab, E embedding, H hidden, L layers,
 G gates (rnn 1, gru 3, lstm 4), M = T*N.

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..config import ModelConfig, TrainConfig, models_dir
 from ..errors import CharlmError
@@ -26,16 +26,20 @@ from ..errors import CharlmError
 # The options of `charlm train`, by their Python names, with the defaults the command line shows.
 DEFAULTS: dict[str, Any] = dict(
     cell="lstm", hidden=256, layers=2, embed=64, seq_len=64, batch=32, lr=2e-3, optimizer="adam", clip=5.0,
-    dropout=0.0, units=1000, leak=1.0, sr=0.9, connectivity=0.0, input_scaling=1.0, bias_scaling=0.0,
+    dropout=0.0, dropout_in=0.0, dropout_out=0.0, variational=False, tie=False, softmax="full", cutoffs=None,
+    div_value=4.0, lr_schedule="constant", lr_decay=4.0, warmup=0, patience=0, min_lr=0.0,
+    units=1000, leak=1.0, sr=0.9, connectivity=0.0, input_scaling=1.0, bias_scaling=0.0,
     steps=None, epochs=None, minutes=None, val_frac=0.05, eval_every=500, seed=0, out=None, encoding="utf-8",
     errors="strict", sample_length=200, level="char", lower=False, min_count=1, max_vocab=50_000, val=None,
     resume=None, init_from=None, strict_vocab=False, checkpoint_every=0)
 DEFAULT_MINUTES = 3.0  # the budget when none of steps / epochs / minutes is given
 
 _ESN_FLAGS = ["units", "leak", "sr", "connectivity", "input_scaling", "bias_scaling"]
-_MODEL_FLAGS = ["cell", "hidden", "layers", "embed", "dropout"] + _ESN_FLAGS
+_WORD_MODEL_FLAGS = ["dropout_in", "dropout_out", "variational", "tie", "softmax", "cutoffs", "div_value"]
+_MODEL_FLAGS = ["cell", "hidden", "layers", "embed", "dropout"] + _WORD_MODEL_FLAGS + _ESN_FLAGS
 _DATA_FLAGS = ["seq_len", "batch", "level", "lower", "min_count", "max_vocab", "val_frac", "optimizer", "seed"]
-_RUN_FLAGS = ["lr", "clip", "eval_every"]  # continued exactly by --resume, free with --init-from
+# continued exactly by --resume, free with --init-from
+_RUN_FLAGS = ["lr", "clip", "eval_every", "lr_schedule", "lr_decay", "warmup", "patience", "min_lr"]
 
 
 def _flag(name: str) -> str:
@@ -45,7 +49,7 @@ def _flag(name: str) -> str:
 @dataclass
 class Plan:
     """A run, fully decided: what train() hands to the training loop."""
-    model: ModelConfig              # ignored by the loop on resume / init-from (the checkpoint's is used)
+    model: ModelConfig              # on resume / init-from the checkpoint's (the loop takes it from there)
     train: TrainConfig              # on resume only its budget (steps, epochs, minutes) counts
     run_dir: Path
     corpus_name: str
@@ -74,18 +78,23 @@ class Plan:
                                   f"any save; start again with a lower --lr")
 
 
-def train(corpus: str | os.PathLike | None = None, *, should_stop: Optional[Callable[[], bool]] = None,
-          **options) -> Iterator[dict]:
+def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *,
+          should_stop: Optional[Callable[[], bool]] = None, **options) -> Iterator[dict]:
     """Train a language model, yielding progress events; what `charlm train` runs.
 
-    corpus: a UTF-8 text file (str or path), "-" for standard input, or None for the built-in corpus (the
-    English documentation text shipped with CPython). Not allowed with resume, which continues with the
-    run's own data.
+    corpus: a UTF-8 text file (str or path; .gz, .bz2 and .xz are decompressed), a directory, a list of
+    files and directories (read in the order given; a directory's files recursively, regular files only,
+    hidden ones skipped, in sorted path order; each file ends a line), "-" for standard input (alone), or
+    None for the built-in corpus (the English documentation text shipped with CPython). Not allowed with
+    resume, which continues with the run's own data.
 
     options: those of `charlm train`, with underscores (defaults in DEFAULTS):
-      model      cell ("rnn", "gru", "lstm", "esn"), hidden, layers, embed, dropout;
+      model      cell ("rnn", "gru", "lstm", "esn"), hidden, layers, embed, dropout, dropout_in, dropout_out,
+                 variational, tie, softmax ("full", "adaptive": word level only), cutoffs (a tuple or
+                 "2000,10000"; None: chosen from the vocabulary size), div_value;
                  ESN only: units, leak, sr, connectivity, input_scaling, bias_scaling
       training   seq_len, batch, lr, optimizer ("adam", "sgd"), clip, seed
+      schedule   lr_schedule ("constant", "plateau", "cosine"), lr_decay, warmup, patience, min_lr
       budget     steps, epochs, minutes (counted from the checkpoint's step on resume; none given: 3 minutes)
       data       level ("char", "word"), lower, min_count, max_vocab, val_frac, val (a validation file),
                  encoding, errors ("strict", "replace", "ignore")
@@ -97,8 +106,9 @@ def train(corpus: str | os.PathLike | None = None, *, should_stop: Optional[Call
     Every option passed counts as given: with resume or init_from, one that contradicts the checkpoint
     raises CharlmError naming it. should_stop: called before each step; True stops after saving.
 
-    Yields dicts with an "event" key: note, compiling, compiled, start, step, nonfinite, eval, saved and
-    finally done (steps, best_val_bpc, checkpoint, latest, run_dir, ...); see charlm.lm.train. Writes
+    Yields dicts with an "event" key: note, compiling, compiled, start, step, nonfinite, eval (with the
+    learning rate, "lr"), saved and finally done (steps, best_val_bpc, checkpoint, latest, run_dir, reason:
+    "budget", "interrupted" or "patience", ...); see charlm.lm.train. Writes
     latest.npz and best.npz into the run directory. Problems raise CharlmError (when iteration starts).
 
         for ev in charlm.train("book.txt", cell="gru", hidden=128, steps=500):
@@ -108,8 +118,9 @@ def train(corpus: str | os.PathLike | None = None, *, should_stop: Optional[Call
     yield from plan(corpus, **options).events(should_stop)
 
 
-def plan(corpus: str | os.PathLike | None = None, **options) -> Plan:
+def plan(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None, **options) -> Plan:
     """Check the options (those of train(); every one passed counts as given) and decide the run."""
+    corpus = _corpus_arg(corpus)
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"unknown training option(s) {', '.join(unknown)}; the options are {', '.join(DEFAULTS)}")
@@ -125,20 +136,26 @@ def plan(corpus: str | os.PathLike | None = None, **options) -> Plan:
     else:
         source = val_source = None
         corpus_name = resume_ck.corpus
-    mcfg = _model_config(o, given)
+    mcfg = _model_config(o, given, ck, level)
     steps, epochs, minutes = o["steps"], o["epochs"], o["minutes"]
     budget_given = any(v is not None for v in (steps, epochs, minutes))
     tcfg = TrainConfig(seq_len=o["seq_len"], batch=o["batch"], lr=o["lr"], optimizer=o["optimizer"], clip=o["clip"],
                        steps=steps or 0, epochs=epochs or 0.0,
                        minutes=(minutes or 0.0) if budget_given else DEFAULT_MINUTES,
                        val_frac=o["val_frac"], eval_every=o["eval_every"], seed=o["seed"], level=level,
-                       lower=o["lower"], min_count=o["min_count"], max_vocab=o["max_vocab"])
+                       lower=o["lower"], min_count=o["min_count"], max_vocab=o["max_vocab"],
+                       lr_schedule=o["lr_schedule"], lr_decay=o["lr_decay"], warmup=o["warmup"],
+                       patience=o["patience"], min_lr=o["min_lr"])
+    if resume_ck is None and tcfg.lr_schedule == "cosine" and not (tcfg.steps or tcfg.epochs):
+        from .schedule import COSINE_NEEDS_STEPS
+        raise CharlmError(COSINE_NEEDS_STEPS)  # (before a folder is made; the loop would refuse it too)
     if resume_ck is not None:
         run_dir = Path(resume_ck.path).parent
     else:
         from .memory import check_memory  # before a folder is made or a token read (the vocabulary at its smallest)
         check_memory(init_ck.model if init_ck else mcfg, tcfg)
-        run_dir = Path(o["out"]) if o["out"] else run_dir_name(corpus_name, init_ck.model.cell if init_ck else o["cell"])
+        named = Path(str(corpus[0])).name if isinstance(corpus, list) else corpus_name  # several: the first
+        run_dir = Path(o["out"]) if o["out"] else run_dir_name(named, init_ck.model.cell if init_ck else o["cell"])
     return Plan(model=mcfg, train=tcfg, run_dir=run_dir, corpus_name=corpus_name, source=source,
                 val_source=val_source, resume=resume_ck, init_from=init_ck, strict_vocab=o["strict_vocab"],
                 checkpoint_every=o["checkpoint_every"], sample_length=o["sample_length"])
@@ -161,6 +178,8 @@ def _check_options(o: dict) -> None:
         raise CharlmError("give either --resume or --init-from, not both")
     if o["strict_vocab"] and not o["init_from"]:
         raise CharlmError("--strict-vocab applies only with --init-from (a new run's vocabulary is built from its corpus)")
+    if o["cutoffs"] is not None:  # "2000,10000" or a sequence, as the checkpoint states it (a tuple)
+        o["cutoffs"] = ModelConfig(cutoffs=o["cutoffs"]).cutoffs
 
 
 def _resume_checkpoint(corpus, o: dict, given: set):
@@ -184,9 +203,18 @@ def _init_checkpoint(o: dict, given: set):
     return ck
 
 
+def _corpus_arg(corpus):
+    """The corpus argument as None, one path (str / PathLike) or a list of two or more."""
+    if isinstance(corpus, (list, tuple)):
+        paths = [os.fspath(p) for p in corpus]
+        return None if not paths else paths[0] if len(paths) == 1 else paths
+    return corpus
+
+
 def _sources(corpus, o: dict):
     """The corpus and validation file to read, checked before anything is read: (source, val_source, name)."""
     from ..data import check_text_file, default_corpus, iter_text
+    from ..data.corpus import check_text_files, iter_texts
     from .start import Source
     encoding, errors, val = o["encoding"], o["errors"], o["val"]
     if corpus is None:
@@ -196,10 +224,13 @@ def _sources(corpus, o: dict):
         corpus_name = "stdin"
         source = _stdin_source(encoding, errors)
     else:
-        path = str(corpus)
-        corpus_name = Path(path).name
-        check_text_file(path, encoding, errors)  # fail early on a bad path, without reading the text
-        source = Source(lambda: iter_text(path, encoding, errors), corpus_name)
+        paths = corpus if isinstance(corpus, list) else [os.fspath(corpus)]
+        corpus_name = ", ".join(Path(p).name for p in paths)
+        if len(corpus_name) > 200:
+            corpus_name = f"{corpus_name[:180].rsplit(', ', 1)[0]} and more ({len(paths)} paths)"
+        # fail early on a bad path, an empty directory, '-' among files, without reading the text
+        files = check_text_files(paths, encoding, errors)
+        source = Source(lambda: iter_texts(files, encoding, errors), corpus_name)
     val_source = None
     if val is not None:
         val = str(val)
@@ -225,20 +256,36 @@ def _stdin_source(encoding: str, errors: str):
     return Source(pieces, "stdin")
 
 
-def _model_config(o: dict, given: set) -> ModelConfig:
-    """The architecture the options ask for; the ESN's options and the others exclude each other."""
-    if o["cell"] == "esn":
-        wrong = sorted(_flag(p) for p in ("hidden", "layers", "embed", "dropout") if p in given)
+def _model_config(o: dict, given: set, ck=None, level: str = "char") -> ModelConfig:
+    """The architecture the options ask for; the ESN's options and the others exclude each other, and so do
+    --cutoffs / --div-value and a full softmax. With a checkpoint (resume, init-from) its cell and softmax
+    decide what applies (the options given were checked against it: refuse_contradictions)."""
+    cell = ck.model.cell if ck is not None else o["cell"]
+    softmax = ck.model.softmax if ck is not None else o["softmax"]
+    if cell == "esn":
+        wrong = sorted(_flag(p) for p in ["hidden", "layers", "embed", "dropout"] + _WORD_MODEL_FLAGS if p in given)
         if wrong:
             raise CharlmError(f"{', '.join(wrong)} do not apply to --cell esn (one reservoir, no embedding); "
                               f"set its size with --units")
+        if ck is not None:
+            return ck.model
         return ModelConfig(cell="esn", embed=1, hidden=o["units"], layers=1, leak=o["leak"], sr=o["sr"],
                            connectivity=o["connectivity"], input_scaling=o["input_scaling"],
                            bias_scaling=o["bias_scaling"])
     wrong = sorted(_flag(p) for p in _ESN_FLAGS if p in given)
     if wrong:
         raise CharlmError(f"{', '.join(wrong)} apply only to --cell esn")
-    return ModelConfig(cell=o["cell"], embed=o["embed"], hidden=o["hidden"], layers=o["layers"], dropout=o["dropout"])
+    wrong = sorted(_flag(p) for p in ("cutoffs", "div_value") if p in given)
+    if wrong and softmax != "adaptive":
+        raise CharlmError(f"{', '.join(wrong)} apply only to --softmax adaptive")
+    if ck is not None:
+        return ck.model
+    if softmax == "adaptive" and level == "char":
+        raise CharlmError("--softmax adaptive is for large word vocabularies (--level word); a character model's "
+                          "softmax is small: drop --softmax adaptive")
+    return ModelConfig(cell=o["cell"], embed=o["embed"], hidden=o["hidden"], layers=o["layers"], dropout=o["dropout"],
+                       dropout_in=o["dropout_in"], dropout_out=o["dropout_out"], variational=o["variational"],
+                       tie=o["tie"], softmax=o["softmax"], cutoffs=o["cutoffs"] or (), div_value=o["div_value"])
 
 
 def _latest_of(path: str | os.PathLike) -> str:
@@ -268,10 +315,20 @@ def refuse_contradictions(given: set, values: dict, ck, flag: str) -> None:
         have["units"] = ck.model.hidden
     for name in sorted(given):
         if name in have and have[name] != values[name]:
-            opt = _flag(name)
-            raise CharlmError(f"{opt} {values[name]} contradicts the checkpoint ({opt} {have[name]}); {flag} takes the "
+            opt = _shown(name, values[name]).split()[0]  # (--no-tie for a false switch)
+            raise CharlmError(f"{_shown(name, values[name])} contradicts the checkpoint ({_shown(name, have[name])}); "
+                              f"{flag} takes the "
                               f"architecture{', data and optimizer settings' if flag == '--resume' else ''} from the "
                               f"checkpoint: drop {opt}")
+
+
+def _shown(name: str, value) -> str:
+    """An option as the command line writes it: --hidden 8, --tie / --no-tie, --cutoffs 2000,10000."""
+    if isinstance(value, bool):
+        return _flag(name) if value else "--no-" + name.replace("_", "-")
+    if isinstance(value, (tuple, list)):
+        return f"{_flag(name)} {','.join(map(str, value))}"
+    return f"{_flag(name)} {value}"
 
 
 def run_dir_name(corpus_name: str, cell: str) -> Path:

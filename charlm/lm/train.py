@@ -3,19 +3,21 @@
 train() starts a run (charlm.lm.start: new, resumed, or from a checkpoint's weights), builds the model,
 optimizer and batches for it, then hands them to a _Trainer: its step, guard (a non-finite step restores
 the last good weights and halves the learning rate), evaluation and save. The options of `charlm train`
-are decided in charlm.lm.run.
+are decided in charlm.lm.run; the learning rate of each step in charlm.lm.schedule (run.lr is its base rate).
 
 Events (key "event"):
   note       {"message"}                                   something the user should know
   compiling  {}                                            kernels are being compiled (first run only)
   compiled   {"seconds"}
   start      {"run_dir", "n_train", "n_val", "vocab_size", "streams", "windows_per_epoch", "total_steps", "deadline_s", "params"}
-  step       {"step", "loss", "grad_norm", "clipped", "tokens_per_s", "epoch", "elapsed_s"}
+  step       {"step", "loss", "grad_norm", "clipped", "tokens_per_s", "epoch", "elapsed_s", "lr"}  lr: this step's
   nonfinite  {"step", "lr"}                                update skipped, learning rate halved
-  eval       {"step", "train_loss", "val_loss", "val_bpc", "val_ppl", "tokens_per_s", "sample", "best"}
+  eval       {"step", "train_loss", "val_loss", "val_bpc", "val_ppl", "tokens_per_s", "sample", "best", "lr", "lr_next",
+              "lr_decayed", "evals_since_best"}   lr: the last step's rate (as in the history); lr_next: the next one's
   saved      {"path"}
   done       {"steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "best_val_ppl", "checkpoint", "latest", "reason",
-              "best_step", "val_absurd"}   val_absurd: the best validation loss is over twice a uniform guess's
+              "best_step", "val_absurd", "lr", "patience"}   val_absurd: the best validation loss is over twice a uniform
+              guess's; reason: "budget", "interrupted" or "patience"; lr: the rate the next step would take
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from ..errors import CharlmError
 from ..optim import clip_scale, grad_norm, make_optimizer
 from .base import BaseModel
 from .models import build_model, create_model
+from .schedule import Schedule, scheduled_lr
 from .score import safe_exp
 from .start import Source, Start, build_vocab, new_run, resumed
 
@@ -92,6 +95,7 @@ class _Run:
     train_seconds: float = 0.0
     clipped: int = 0
     grad_norms: array = field(default_factory=lambda: array("f"))  # pre-clip norm of every step (float32 in the checkpoint)
+    sched: Schedule = field(default_factory=Schedule)  # the learning-rate schedule's state (lr is its base rate)
 
 
 def train(corpus, model_cfg: ModelConfig | None, train_cfg: TrainConfig, run_dir: str | Path | None, *,
@@ -160,7 +164,8 @@ def _resume_run(ck: ckpt_mod.Checkpoint, opt, rng: np.random.Generator, state, l
     run = _Run(step=ck.step, epoch=ck.epoch, window=ck.window, lr=float(ck.optimizer.get("lr", lr)),
                best_val=ck.best_val_loss, history=list(ck.history), tokens=int(c.get("tokens", 0)),
                train_seconds=float(c.get("train_seconds", 0.0)), clipped=int(c.get("clipped", 0)),
-               grad_norms=array("f", [] if ck.grad_norms is None else ck.grad_norms.tolist()))
+               grad_norms=array("f", [] if ck.grad_norms is None else ck.grad_norms.tolist()),
+               sched=Schedule.of_counters(c, ck.best_val_loss))
     if "h" in ck.state and ck.state["h"].shape[1:] == (batches.N, state.h.shape[2]):  # all streams, whatever K
         state.h[...] = ck.state["h"][:, batches.lo:batches.hi]
         state.c[...] = ck.state["c"][:, batches.lo:batches.hi]
@@ -191,6 +196,7 @@ class _Trainer:
         self.since_eval_loss, self.since_eval_n = 0.0, 0
         self.nonfinite_run = self.halvings = 0
         self.reason = "budget"
+        self.patience_out = False  # --patience evaluations in a row did not improve: stop
         self.started = 0.0
         self.snapshot: dict = {}
 
@@ -210,7 +216,10 @@ class _Trainer:
             run = _resume_run(s.resume, opt, rng, state, s.train_cfg.lr, batches)
         else:
             run = _Run(lr=s.train_cfg.lr)
-        return cls(s, batches, model, opt, rng, run, state, **loop_options)
+        trainer = cls(s, batches, model, opt, rng, run, state, **loop_options)
+        for message in run.sched.begin(s.train_cfg, run.lr, run.step, trainer.total_steps, len(s.val_ids) >= 2):
+            yield {"event": "note", "message": message}
+        return trainer
 
     def loop(self) -> Iterator[dict]:
         """Compile, announce the start, step until the budget, the deadline or should_stop; evaluate and
@@ -244,6 +253,8 @@ class _Trainer:
     def _over(self) -> bool:
         if self.total_steps and self.run.step >= self.total_steps:
             return True
+        if self.patience_out:  # every rank alike: it follows from the validation loss, which they share
+            return True
         if self.sync is not None:  # the ranks agree: the flags were summed with the last step's gradients
             self.reason = "interrupted" if self.sync.stop and not self.sync.deadline else self.reason
             return self.sync.stop or self.sync.deadline
@@ -264,7 +275,8 @@ class _Trainer:
         x, y = self.batches.window(run.window)
         ts = self.clock()
         # dropout masks by stream and step, never by rank: K processes draw what one draws
-        noise = shard.StreamDropout(cfg.seed, run.step, self.batches.lo) if model.cfg.dropout > 0 else self.rng
+        dropout = model.cfg.dropout > 0 or model.cfg.dropout_in > 0 or model.cfg.dropout_out > 0
+        noise = shard.StreamDropout(cfg.seed, run.step, self.batches.lo) if dropout else self.rng
         loss, new_state = model.loss_and_grads(x, y, self.state, self.grads, noise)
         if self.sync is not None:
             late = bool(self.deadline) and self.clock() - self.started >= self.deadline
@@ -281,7 +293,8 @@ class _Trainer:
         scale = clip_scale(norm, cfg.clip)
         run.clipped += scale < 1.0
         run.grad_norms.append(norm)
-        self.opt.step(model.trainable, self.grads, run.lr, scale)
+        lr = self._lr(run.step)
+        self.opt.step(model.trainable, self.grads, lr, scale)
         self.state = new_state
         run.train_seconds += self.clock() - ts
         run.tokens += x.shape[0] * self.batches.N  # the global batch's
@@ -291,7 +304,7 @@ class _Trainer:
         self.since_eval_n += 1
         yield {"event": "step", "step": run.step, "loss": loss, "grad_norm": norm, "clipped": scale < 1.0,
                "tokens_per_s": self._rate(), "epoch": run.epoch + run.window / self.wpe,
-               "elapsed_s": self.clock() - self.started}
+               "elapsed_s": self.clock() - self.started, "lr": lr}
         if run.step % cfg.eval_every == 0:
             yield from self._evaluate()
         elif self.checkpoint_every and run.step % self.checkpoint_every == 0:
@@ -329,9 +342,14 @@ class _Trainer:
         improved = math.isfinite(val) and (run.best_val is None or val < run.best_val)
         if improved:
             run.best_val = val
+        lr, before = self._lr(max(run.step - 1, 0)), run.lr  # the last step's rate; the base before this evaluation
+        # the schedule follows the evaluations due by --eval-every only (charlm.lm.schedule)
+        if len(s.val_ids) >= 2 and run.step % self.cfg.eval_every == 0 and run.step != self.first_step:
+            run.lr, self.patience_out = run.sched.evaluated(self.cfg, run.lr, val)
+            self.reason = "patience" if self.patience_out else self.reason
         run.history.append({"step": run.step, "train_loss": train_loss if math.isfinite(train_loss) else None,
                             "val_loss": val if math.isfinite(val) else None,
-                            "clipped": run.clipped, "lr": run.lr})
+                            "clipped": run.clipped, "lr": lr})
         sample = ""
         if self.sample_chars > 0 and dist.rank() == 0:
             from .sample import generate
@@ -339,11 +357,16 @@ class _Trainer:
                                       seed=run.step))
         yield {"event": "eval", "step": run.step, "train_loss": train_loss, "val_loss": val,
                "val_bpc": val / LN2, "val_ppl": safe_exp(val) if math.isfinite(val) else float("nan"),
-               "tokens_per_s": self._rate(), "sample": sample, "best": improved}
+               "tokens_per_s": self._rate(), "sample": sample, "best": improved, "lr": lr,
+               "lr_next": self._lr(run.step), "lr_decayed": run.lr != before,
+               "evals_since_best": run.sched.evals_since_best}
         yield from self._save(self.latest_path)
         need_best = improved or not (self.best_path.exists() or math.isfinite(val))
         if dist.bcast(need_best) if self.sync else need_best:  # rank 0's files decide
             yield from self._save(self.best_path)
+
+    def _lr(self, step: int) -> float:
+        return scheduled_lr(self.cfg, self.run.lr, step, self.run.sched.horizon)
 
     def _guard_record(self) -> dict:
         """The guard's state as a checkpoint keeps it: its counters, and its snapshot unless that is
@@ -372,7 +395,8 @@ class _Trainer:
             state={"h": state.h, "c": state.c}, step=run.step, epoch=run.epoch, window=run.window,
             best_val_loss=run.best_val, rng=self.rng.bit_generator.state, history=run.history,
             corpus=s.corpus_name, data=s.data,
-            counters={"tokens": run.tokens, "train_seconds": run.train_seconds, "clipped": run.clipped},
+            counters={"tokens": run.tokens, "train_seconds": run.train_seconds, "clipped": run.clipped,
+                      **run.sched.counters()},
             grad_norms=np.frombuffer(run.grad_norms, dtype=np.float32).copy(), **self._guard_record())
         ckpt_mod.save(ck, path)
         yield {"event": "saved", "path": str(path)}
@@ -389,6 +413,7 @@ class _Trainer:
                 "checkpoint": str(self.best_path) if self.best_path.exists() else None,
                 "latest": str(self.latest_path) if self.latest_path.exists() else None,
                 "reason": self.reason, "clipped_fraction": run.clipped / run.step if run.step else 0.0,
+                "lr": self._lr(run.step), "patience": self.cfg.patience,
                 "grad_norm_median": float(np.median(norms)) if run.grad_norms else None,
                 "run_dir": str(self.s.run_dir), **done_validation(run.history, run.best_val, len(self.s.vocab))}
 
