@@ -44,3 +44,32 @@ def test_version_and_completion(run_cli):
     assert "--install-completion" in text and "--version" in text
     for name in ("train", "sample", "score", "eval", "grads", "info", "plot", "qa"):
         assert name in text
+
+
+# Commands that run the model (train, sample, score, evaluate, measure) take --threads and --json; those
+# that only read a checkpoint and write a file or a table do not need --threads. A new command must be
+# put in one set or the other, so none is left without --threads by oversight.
+COMPUTING = {("train",), ("sample",), ("score",), ("eval",), ("grads",),
+             ("qa", "train"), ("qa", "eval"), ("qa", "ask"), ("qa", "babi")}
+NOT_COMPUTING = {("info",), ("plot",), ("export",)}  # read a checkpoint; --json only
+
+
+def test_every_computing_command_takes_threads_and_json():
+    root = typer.main.get_command(cli.app)
+    seen = set()
+    for path, cmd in _commands(root):
+        if not path or hasattr(cmd, "commands"):  # the app and the qa group only list commands
+            continue
+        seen.add(path)
+        opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
+        assert path in COMPUTING | NOT_COMPUTING, f"charlm {' '.join(path)}: add it to COMPUTING or NOT_COMPUTING"
+        assert "--json" in opts, f"charlm {' '.join(path)} has no --json"
+        if path in COMPUTING:
+            assert "--threads" in opts, f"charlm {' '.join(path)} computes but has no --threads"
+    assert seen == COMPUTING | NOT_COMPUTING  # no stale entries
+
+
+def test_threads_is_refused_when_not_positive(run_cli, tmp_path):
+    from helpers import failed
+    (tmp_path / "q.txt").write_text("1 Mary went to the kitchen.\n2 Where is Mary?\tkitchen\t1\n")
+    failed(run_cli("qa", "eval", "q.txt", "--threads", "0"), "--threads")

@@ -182,19 +182,19 @@ def eval_cmd(
     file: Annotated[str, typer.Argument(help="bAbI-format test file ('-' reads standard input).", show_default=False)],
     model: Annotated[str, typer.Option(help="Model file or run folder (its best.npz). Default: the most recently "
                                             "written QA model under models/.", show_default=False)] = "",
-    as_json: Json = False,
+    as_json: Json = False, threads: Threads = None,
 ):
     """Accuracy and error % of a model on a bAbI-format file (answers it has never seen count as errors).
 
     --json gives {"n_questions", "accuracy", "error_pct"}.
     """
-    from .common import dumps, fail, out
+    from .common import dumps, fail, limit_threads, out
     from ..qa import babi
     from ..qa.model import QAModel
     from ..qa.train import evaluate
     try:
-        m = QAModel(_load_qa(model))
-        r = evaluate(m, babi.read(file))
+        with limit_threads(threads):
+            r = evaluate(QAModel(_load_qa(model)), babi.read(file))
         if as_json:
             print(dumps({k: r[k] for k in ("n_questions", "accuracy", "error_pct")}))
             return
@@ -220,7 +220,7 @@ def ask_cmd(
     story_file: Annotated[Optional[str], typer.Option("--story-file", help="Read the story from a file (one or "
                                                       "more sentences per line; '-' is standard input).",
                                                       show_default=False)] = None,
-    as_json: Json = False,
+    as_json: Json = False, threads: Threads = None,
 ):
     """Answer a question about a story, and show the story selection: each memory's attention weight per hop,
     the selected sentence (s*) marked.
@@ -230,7 +230,7 @@ def ask_cmd(
     """
     from rich.table import Table
 
-    from .common import dumps, fail, out
+    from .common import dumps, fail, limit_threads, out
     from ..qa import babi
     from ..qa.model import QAModel
     from ..qa.train import ask
@@ -242,8 +242,8 @@ def ask_cmd(
             text = read_text(story_file, what="story file")
         else:
             text = story
-        m = QAModel(_load_qa(model))
-        r = ask(m, babi.split_story(text), question)
+        with limit_threads(threads):
+            r = ask(QAModel(_load_qa(model)), babi.split_story(text), question)
         if as_json:
             print(dumps(r, ensure_ascii=False))
             return

@@ -59,6 +59,75 @@ def check_text_file(path: str, encoding: str = "utf-8", errors: str = "strict", 
         raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
+def corpus_files(paths, what: str = "corpus") -> list[str]:
+    """The files a corpus of several paths reads, in order: each file as given, each directory's
+    regular files below it (hidden files and folders, a name starting with '.', skipped; links to
+    folders not followed) sorted by path. '-' (standard input) only alone. Errors: a path that does not exist, a directory
+    with no file to read, a FIFO or device."""
+    paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not paths:
+        raise CharlmError(f"no {what} given")
+    if "-" in paths and len(paths) > 1:
+        raise CharlmError("'-' (standard input) must be the only corpus; give files and directories without it")
+    files: list[str] = []
+    for path in paths:
+        if path != "-" and os.path.isdir(path):
+            found = _files_under(path)
+            if not found:
+                raise CharlmError(f"the directory {path} holds no file to read (hidden files are skipped); "
+                                  f"give a directory of text files")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def _files_under(folder: str) -> list[str]:
+    """The regular, non-hidden files below folder (symbolic links followed for files, not for
+    folders), sorted by their path's components."""
+    def refuse(e: OSError):
+        raise CharlmError(f"cannot read the directory {e.filename}: {e.strerror}")
+    found = []
+    for root, dirs, names in os.walk(folder, onerror=refuse, followlinks=False):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            full = os.path.join(root, name)
+            if name.startswith("."):
+                continue
+            try:
+                regular = stat.S_ISREG(os.stat(full).st_mode)
+            except OSError:  # a dangling link
+                continue
+            if regular:
+                found.append(full)
+    return sorted(found, key=lambda f: os.path.relpath(f, folder).split(os.sep))
+
+
+def check_text_files(paths, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus") -> list[str]:
+    """corpus_files(paths), each checked as check_text_file does (without reading the text)."""
+    files = corpus_files(paths, what)
+    for f in files:
+        check_text_file(f, encoding, errors, what)
+    return files
+
+
+def iter_texts(files, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus"):
+    """Stream several text files (compressed or not) one after another, as iter_text does one; a file
+    whose text does not end with a newline gets one before the next file, so files never run into
+    each other (the last file is left as it is, as a single file is)."""
+    last = "\n"  # the last character yielded
+    for path in files:
+        first = True
+        for piece in iter_text(path, encoding, errors, what):
+            if not piece:
+                continue
+            if first and last != "\n":
+                yield "\n"
+            first = False
+            last = piece[-1]
+            yield piece
+
+
 def iter_text(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "corpus",
               chunk_bytes: int = 1 << 24):
     """Stream a text file ('-' is standard input) as str pieces that end at line
@@ -169,29 +238,26 @@ def _looks_like(path: str) -> str | None:
 def iter_lines(path: str, encoding: str = "utf-8", errors: str = "strict", what: str = "input"):
     """Yield the lines of a text file ('-' is standard input) one at a time, without their line
     end, each as soon as it has been read (a pipe is scored as it arrives) and without holding
-    more than one line. A UTF-8 byte-order mark is dropped and a CR before the LF too. Errors
-    as iter_text's (the byte offset of a bad byte). The encoding must keep the newline byte as
-    the line end (UTF-8, Latin-1, ...)."""
+    more than one line. A UTF-8 byte-order mark is dropped and a CR before the LF too. .gz, .bz2
+    and .xz files are decompressed as they are read. Errors as iter_text's (the byte offset of a
+    bad byte, what a binary file looks like). The encoding must keep the newline byte as the line
+    end (UTF-8, Latin-1, ...)."""
     import codecs
     _check_codec(encoding, errors)
+    kind = None
     if path == "-":
         f, name = sys.stdin.buffer, "standard input"
     else:
         _check_source(path, what)
-        name = path
-        try:
-            f = open(path, "rb")
-        except PermissionError:
-            raise CharlmError(f"permission denied reading {what} {path}") from None
-        except OSError as e:
-            raise CharlmError(f"cannot read {what} {path}: {e.strerror}") from None
+        f, kind = _open_maybe_compressed(path, what)
+        name = f"{path} (decompressed {kind})" if kind else path
     offset = 0
     try:
         while True:
             try:
                 data = f.readline()
-            except OSError as e:
-                raise CharlmError(f"cannot read {what} {name}: {e.strerror}") from None
+            except (OSError, EOFError, ValueError) as e:  # a damaged or truncated compressed file too
+                raise CharlmError(f"cannot read {what} {name}: {getattr(e, 'strerror', None) or e}") from None
             if not data:
                 return
             start = offset
@@ -203,8 +269,14 @@ def iter_lines(path: str, encoding: str = "utf-8", errors: str = "strict", what:
             try:
                 yield codecs.decode(data, encoding, errors)
             except UnicodeDecodeError as e:
+                bad, at = data[e.start], start + e.start
+                looks = _looks_like(path) if at < 4096 and path != "-" and not kind else None
+                if looks:
+                    raise CharlmError(f"{name} is not text: it looks like {looks} (bad byte 0x{bad:02x} at offset "
+                                      f"{at}); give a text file (plain, .gz, .bz2 or .xz), or pass --errors "
+                                      f"replace to read it anyway") from None
                 raise CharlmError(
-                    f"{name} is not valid {encoding}: bad byte 0x{data[e.start]:02x} at offset {start + e.start}; "
+                    f"{name} is not valid {encoding}: bad byte 0x{bad:02x} at offset {at}; "
                     f"pass --encoding ENCODING, or --errors replace to substitute U+FFFD") from None
     finally:
         if f is not sys.stdin.buffer:
