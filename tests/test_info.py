@@ -73,3 +73,12 @@ def test_train_done_event_has_the_flag(run):
     events = train_tiny(run.parent / "again", steps=2)
     done = events[-1]
     assert done["event"] == "done" and done["val_absurd"] is False and done["best_step"] == 2
+
+
+def test_info_names_the_word_model_options():
+    from charlm.cli.info import _options
+    assert _options({"cell": "lstm", "dropout": 0.0}) == ""
+    assert _options({"tie": True, "dropout": 0.2, "dropout_in": 0.3, "dropout_out": 0.4, "variational": True}) == \
+        ", tied decoder, variational dropout 0.2, in 0.3, out 0.4"
+    assert _options({"softmax": "adaptive", "cutoffs": [20, 100], "div_value": 2.0, "dropout_out": 0.1}) == \
+        ", adaptive softmax (cutoffs 20,100, div 2), dropout out 0.1"

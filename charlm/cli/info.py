@@ -41,7 +41,7 @@ def info_cmd(
     t.add_column()
     arch = (f"{cfg['cell']}, {cfg['layers']} x {cfg['hidden']} hidden, embedding {cfg['embed']}"
             if cfg["cell"] != "esn" else f"esn, {cfg['hidden']} reservoir units, leak {cfg['leak']}, sr {cfg['sr']}")
-    t.add_row("model", escape(arch) + (f", dropout {cfg['dropout']}" if cfg.get("dropout") else ""))
+    t.add_row("model", escape(arch + _options(cfg)))
     sample = " ".join(show_token(tok) if d["level"] == "char" else tok for tok in d["vocab_sample"])
     t.add_row("vocabulary", f"{d['vocab_size']:,} {'characters' if d['level'] == 'char' else 'words'}: "
                             f"{escape(sample)}{' …' if d['vocab_size'] > len(d['vocab_sample']) else ''}")
@@ -79,3 +79,19 @@ def plot_cmd(
         out.print(f"curves of {len(c['steps'])} evaluations written to {escape(output)}"
                   + (f"; best validation {c['best_val']:.4f} {c['unit']} at step {c['best_step']:,}"
                      if c["best_step"] is not None else ""))
+
+
+def _options(cfg: dict) -> str:
+    """The model options beyond the sizes, as the flags name them (none: "")."""
+    out = []
+    if cfg.get("tie"):
+        out.append("tied decoder")
+    if cfg.get("softmax") == "adaptive":
+        out.append(f"adaptive softmax (cutoffs {','.join(map(str, cfg.get('cutoffs') or ()))}, "
+                   f"div {cfg.get('div_value', 4.0):g})")
+    drops = [f"{name} {cfg[key]:g}" for name, key in (("dropout", "dropout"), ("in", "dropout_in"),
+                                                      ("out", "dropout_out")) if cfg.get(key)]
+    if drops:
+        out.append(("variational " if cfg.get("variational") else "") + "dropout " + ", ".join(drops).replace(
+            "dropout ", "", 1))
+    return "".join(", " + o for o in out)
