@@ -529,3 +529,149 @@ def test_an_empty_text_without_the_end_factor_is_not_a_perplexity_of_1(run_cli, 
     with pytest.raises(charlm.CharlmError, match="nothing to score"):
         lm.score("", eos=False)
     assert lm.score("", eos=True)["n_tokens"] == 1  # the end factor alone is a real probability
+
+
+# ---------------------------------------------------------- 10. an all-OOV text is not a perplexity of the text
+@pytest.fixture(scope="module")
+def char_and_word(tmp_path_factory) -> dict[str, Path]:
+    """A tiny character run and a tiny word run (words.txt), each trained for 2 steps."""
+    import charlm
+    root = tmp_path_factory.mktemp("levels")
+    train_tiny(root / "char", steps=2)
+    events = list(charlm.train(DATA / "words.txt", out=root / "word", level="word", steps=2, hidden=8, layers=1,
+                               embed=4, seq_len=8, batch=2, eval_every=2, sample_length=0))
+    assert events[-1]["event"] == "done"
+    return {"char": root / "char", "word": root / "word"}
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_eval_and_score_of_an_all_oov_file_say_what_was_scored(char_and_word, tmp_path, level):
+    """Every token outside the vocabulary: eval printed a perplexity over the ends of line alone (a character
+    model: 1 token) as if it measured the text. Now eval and score --file both say, in one warning line on
+    stderr, that nothing of the text was in the vocabulary and what was scored instead; stdout is as before
+    (--json parseable)."""
+    model = char_and_word[level]
+    (tmp_path / "oov.txt").write_text("\u20ac\u20ac\u20ac\u2603\n\u20ac\u20ac\n", encoding="utf-8")
+    what = "characters" if level == "char" else "words"
+    for args in (["eval", "oov.txt", "--json"], ["eval", "oov.txt"], ["score", "--file", "oov.txt", "--json"],
+                 ["score", "--file", "oov.txt"]):
+        res = _charlm(*args, "--model", model, "--threads", "1", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+        err = res.stderr.strip()
+        assert "\n" not in err and err.startswith("warning: nothing of"), err
+        assert "is in the model's vocabulary" in err and what in err and "2 line ends" in err, err
+        assert ("oov.txt" if args[0] == "eval" else "the 2 texts") in err, err
+        if "--json" in args:
+            r = json.loads(res.stdout)
+            assert (r if args[0] == "eval" else r["total"])["oov"] == (6 if level == "char" else 2)
+
+
+def test_the_library_warns_of_texts_with_nothing_in_the_vocabulary(char_and_word):
+    import warnings
+
+    import charlm
+    from charlm.lm.score import OOVWarning
+    lm = charlm.load(char_and_word["word"])
+    with pytest.warns(OOVWarning, match="nothing of the text is in the model's vocabulary: 2 words"):
+        r = lm.score("zzqx yyqw")
+    assert r["oov"] == 2 and r["n_tokens"] == 3 and "in_vocab" not in r  # the figures are unchanged
+    with pytest.warns(OOVWarning, match="nothing of oov.txt"):
+        assert set(lm.evaluate_text("zzqx\n", source="oov.txt")) == {
+            "n_tokens", "logprob", "perplexity", "perplexity_excl_oov", "bits_per_token", "oov"}
+    seen = lm.vocab.tokens[2]
+    with pytest.warns(OOVWarning, match=r"1 of 3 texts have no word in the model's vocabulary \(text 2\)"):
+        list(lm.score_lines([seen, "zzqx", seen + " zzqx"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a text with something in the vocabulary: no warning
+        lm.score(seen + " zzqx")
+        lm.score_many([seen, "", seen])
+        charlm.load(char_and_word["char"]).score("")  # the end factor of an empty text is a real probability
+
+
+# ---------------------------------------------------------- 10. float64 checkpoints: a note before the compile
+def test_a_float64_checkpoint_says_it_compiles_new_kernels_once(tmp_path):
+    """A float64 checkpoint made the kernels compile a float64 version for ~1 min without a word. With an
+    empty kernel cache: one note line on stderr, before the compile, and --json stays parseable; with the
+    kernels cached (the second run), no note. Fortran-order arrays need no note: they load C-contiguous
+    (test_a_fortran_order_checkpoint_loads_c_contiguous)."""
+    ck = make_checkpoint(cell="rnn", layers=1, dtype=np.float64)
+    for a in ck.params.values():
+        np.clip(a, -1, 1, out=a)
+    checkpoint.save(ck, tmp_path / "f64.npz")
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    notes = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-m", "charlm", "score", "hello", "--model", "f64.npz", "--json",
+                              "--threads", "1"], cwd=tmp_path, env={**_env(), **env}, capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert json.loads(res.stdout)["n_tokens"] == 6
+        notes.append(res.stderr.strip())
+    assert notes == ["note: this checkpoint is float64: compiling float64 kernels (first time only, ~1 min)", ""]
+
+
+# ---------------------------------------------------------- 10. what a kill leaves, cleaned at the next use
+def _strays(run: Path) -> list[str]:
+    names = [".latest.npz.k1xq_7.tmp", ".best.npz.z9a2b3.tmp", ".tokens.bin.0a1b2c.tmp"]
+    for n in names:
+        (run / n).write_bytes(b"\0" * 100)
+    return names
+
+
+@pytest.mark.parametrize("command", [["sample", "--length", "3", "--model", "run"], ["score", "hi", "--model", "run"],
+                                     ["eval", TINY, "--model", "run"], ["info", "run"],
+                                     ["sample", "--length", "3", "--model", "run/latest.npz"]])
+def test_stray_temporary_files_are_cleaned_at_the_next_use_of_the_run(run, tmp_path, command):
+    """A kill mid-save leaves .latest.npz.XXXX.tmp (each as large as a checkpoint); they used to stay until
+    the next training run. Any use of the run removes them (no process holds the folder) and says so."""
+    names = _strays(run)
+    res = _charlm(*command, "--threads", "1", cwd=tmp_path) if command[0] != "info" else _charlm(*command, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    note = res.stderr.strip()
+    assert note.startswith("note: removed 3 temporary files left in run by an interrupted run (") and "\n" not in note
+    assert sorted(note.partition("(")[2].rstrip(")").split(", ")) == sorted(names), note
+    assert sorted(os.listdir(run)) == ["best.npz", "latest.npz", "tokens.bin"]
+
+
+def test_a_live_runs_temporary_files_are_never_touched(run, tmp_path):
+    """While a process holds the run folder's lock (a training run saving), its temporary files are its own:
+    sample works and leaves them, and says nothing."""
+    from charlm.data.lock import lock_run_dir
+    names = _strays(run)
+    with lock_run_dir(run):
+        res = _charlm("sample", "--length", "3", "--model", "run", "--seed", "1", "--threads", "1", cwd=tmp_path)
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        assert set(names) <= set(os.listdir(run))
+
+
+@pytest.mark.parametrize("command", [["sample", "--length", "3"], ["score", "hi"], ["eval", TINY]])
+def test_a_run_folder_with_no_checkpoint_is_named_at_every_use(tmp_path, command):
+    """Killed during tokenisation: no checkpoint. sample, score and eval say why in one line; while the
+    training is still alive (it holds the lock), they say it is preparing the run instead."""
+    from charlm.data.lock import lock_run_dir
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".tokens.bin.abc123.tmp").write_bytes(b"\x01" * 5000)
+    one_error_line(_charlm(*command, "--model", "run", cwd=tmp_path),
+                   "no checkpoint in run", "stopped before the first save", "--out run")
+    with lock_run_dir(run):
+        one_error_line(_charlm(*command, "--model", "run", cwd=tmp_path),
+                       "no checkpoint in run yet", f"(PID {os.getpid()})", "wait for its first save")
+    assert (run / ".tokens.bin.abc123.tmp").exists()  # named, left for the next train --out run to clean
+
+
+# ---------------------------------------------------------- found by this session's hostile matrix
+def test_a_batch_of_samples_larger_than_the_machine_is_one_line(char_and_word, run_cli):
+    """sample -n 1000000000 was an internal error (NumPy's MemoryError for 29.8 GiB of logits)."""
+    failed(run_cli("sample", "--model", char_and_word["char"], "--num-samples", "1000000000", "--length", "5"),
+           "1,000,000,000 samples", "GiB of memory")
+
+
+def test_a_non_finite_length_penalty_is_refused(char_and_word, run_cli):
+    """--length-penalty nan ranked the beam by NaN scores and printed "(score nan)", exit 0."""
+    import charlm
+    for value in ("nan", "inf"):
+        failed(run_cli("sample", "--model", char_and_word["char"], "--beam", "2", "--length-penalty", value),
+               "--length-penalty must be a finite number")
+    with pytest.raises(CharlmError, match="length_penalty must be a finite number"):
+        charlm.load(char_and_word["char"]).beam_search("", 5, 2, length_penalty=float("nan"))

@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import signal
+import warnings
 from typing import Optional
 
 import typer
@@ -28,6 +29,22 @@ def fail(message: str, code: int = 1):
 
 def warn(message: str):
     err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """The library's own warnings (an all-OOV text scored, temporary files cleaned up, a first float64
+    compile) as one line on stderr, `note:` or `warning:` as the category says; others as Python shows them."""
+    if not getattr(category, "__module__", "").startswith("charlm."):
+        return _python_showwarning(message, category, filename, lineno, file, line)
+    from .. import dist
+    if dist.launched() and dist.rank() != 0:  # every rank has the same warning; rank 0 says it
+        return
+    prefix = getattr(category, "prefix", "warning")
+    err.print(f"[yellow]{prefix}:[/] {escape(str(message))}", soft_wrap=True)
+
+
+_python_showwarning = warnings.showwarning
+warnings.showwarning = _show_warning  # the CLI's process only: the library never prints
 
 
 def show_token(tok: str) -> str:

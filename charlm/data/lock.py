@@ -63,6 +63,23 @@ def lock_run_dir(path: str | os.PathLike, what: str = "run folder") -> RunLock:
     return RunLock(fd, path)
 
 
+def busy(path: str | os.PathLike) -> int | bool:
+    """Whether another process holds the lock on folder path: its PID if known, True if held by an
+    unknown process, False if free (or the folder cannot be opened, or locks are not supported).
+    Takes the lock for an instant to find out, and releases it at once."""
+    try:
+        lock_run_dir(path).release()
+    except CharlmError as e:
+        if "in use by" not in str(e):
+            return False
+        try:
+            st = os.stat(path)
+            return holder_pid(st.st_dev, st.st_ino) or True
+        except OSError:
+            return True
+    return False
+
+
 def holder_pid(dev: int, ino: int) -> int | None:
     """The PID holding a flock on the file (dev, ino), from Linux's /proc/locks; None if unknown."""
     want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"

@@ -10,7 +10,9 @@ The JSON holds: format ("charlm-checkpoint"), version, model (ModelConfig),
 train (TrainConfig), vocab, optimizer (name, t, ...), step, epoch, window,
 best_val_loss, rng (numpy bit-generator state), history, corpus, data (the
 run's token files: name, dtype, token counts, SHA-256), counters (tokens,
-train_seconds, clipped), checksum.
+train_seconds, clipped; the learning-rate schedule's evals_since_best,
+schedule_best_val, cosine_steps, absent from older files), checksum. The
+optimizer's lr is the schedule's base rate (charlm.lm.train.scheduled_lr).
 checksum is the SHA-256 of every array's name, dtype, shape and bytes in name
 order followed by the JSON without the checksum; a file whose content does
 not match is refused.
@@ -102,6 +104,82 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     return removed
 
 
+class CleanupNote(UserWarning):
+    """What resolve() cleaned up in a run folder (the CLI prints it as a note: line on stderr)."""
+    prefix = "note"
+
+
+class CompileNote(UserWarning):
+    """Kernels are being compiled for a float type this machine has not used before (a note: line)."""
+    prefix = "note"
+
+
+def _stale_temporaries(folder: Path) -> list[Path]:
+    from ..data.tokens import TEMPORARY_PATTERNS
+    return [p for pattern in (f".{LATEST}.*.tmp", f".{BEST}.*.tmp", *TEMPORARY_PATTERNS) for p in folder.glob(pattern)]
+
+
+def tidy(folder: str | os.PathLike) -> list[str]:
+    """At a use of a run folder (sample, score, eval, info, resume ...): delete the temporary files a
+    killed process left there, if no live process holds the folder's lock (a running training's
+    temporary files are never touched), and say so with a CleanupNote warning. The names removed."""
+    folder = Path(folder)
+    if not _stale_temporaries(folder):
+        return []
+    from ..data.lock import lock_run_dir
+    try:
+        lock = lock_run_dir(folder)
+    except CharlmError:
+        return []  # a training run is alive: its temporary files are its own
+    with lock:
+        if not lock.held:
+            return []  # no locks on this file system: nothing tells a live run from a dead one
+        removed = remove_stale_temporaries(folder)
+    if removed:
+        import warnings
+        warnings.warn(cleaned_note(folder, removed), CleanupNote, stacklevel=3)
+    return removed
+
+
+def cleaned_note(folder, removed: list[str]) -> str:
+    return (f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} left in {folder} by an "
+            f"interrupted run ({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
+
+
+class _Float64Watch:
+    """Warns (CompileNote) before the first float64 kernel compiles after a float64 checkpoint was
+    loaded: such a compile takes about a minute and used to say nothing. Cached kernels load without a
+    compile, so the note appears only when one really happens (a numba compile-event listener)."""
+    armed = False
+    installed = False
+
+    @classmethod
+    def arm(cls) -> None:
+        if not cls.installed:
+            from numba.core import event
+
+            class Listener(event.Listener):
+                def on_start(self, ev):
+                    cls.started(ev)
+
+                def on_end(self, ev):
+                    pass
+            event.register("numba:compile", Listener())
+            cls.installed = True
+        cls.armed = True
+
+    @classmethod
+    def started(cls, ev) -> None:
+        if not cls.armed:
+            return
+        import numba
+        if any(getattr(a, "dtype", None) == numba.float64 for a in (ev.data or {}).get("args") or ()):
+            cls.armed = False
+            import warnings
+            warnings.warn("this checkpoint is float64: compiling float64 kernels (first time only, ~1 min)",
+                          CompileNote, stacklevel=2)
+
+
 def load(path: str | os.PathLike) -> Checkpoint:
     """Read and verify a checkpoint: every field of its metadata against the schema, every array's
     shape, type and finiteness, before anything else trusts them. Never unpickles; any damage is a
@@ -117,6 +195,8 @@ def load(path: str | os.PathLike) -> Checkpoint:
         _check_training_state(ckpt)
     except CharlmError as e:
         raise CharlmError(f"{bad} ({e})") from None
+    if any(a.dtype == np.float64 for a in ckpt.params.values()):
+        _Float64Watch.arm()  # arrays are C-contiguous already (read_npz): no new layout to compile
     return ckpt
 
 
@@ -236,13 +316,21 @@ def resolve(model: str | None, root: str | os.PathLike = "models") -> str:
         if p.is_dir():
             for name in (BEST, LATEST):
                 if (p / name).is_file():
+                    tidy(p)
                     return str(p / name)
+            from ..data.lock import busy
+            pid = busy(p)
+            if pid:
+                raise CharlmError(f"no checkpoint in {p} yet: a training run{f' (PID {pid})' if pid is not True else ''}"
+                                  f" is still preparing it; wait for its first save")
             if any((p / n).exists() for n in ("tokens.bin", "val_tokens.bin")) or any(p.glob(".*.tmp")):
                 raise CharlmError(f"no checkpoint in {p}: its training stopped before the first save; train again "
                                   f"with --out {p} (what it left is cleaned up then)")
             raise CharlmError(f"no checkpoint ({BEST} or {LATEST}) in directory {p}")
         if not p.exists():
             raise CharlmError(f"model not found: {p}")
+        if p.name in (BEST, LATEST) and p.is_file():
+            tidy(p.parent)
         return str(p)
     root = Path(root)
     candidates = []
@@ -255,4 +343,5 @@ def resolve(model: str | None, root: str | os.PathLike = "models") -> str:
     if not candidates:
         raise CharlmError(f"no trained model found under {root}/; train one with `charlm train` or pass --model PATH")
     run = max(candidates)[1]
+    tidy(run)
     return str(run / BEST) if (run / BEST).is_file() else str(run / LATEST)

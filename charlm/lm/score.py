@@ -7,7 +7,9 @@ every line after the first had in training (like KenLM's <s>).
 
 Out-of-vocabulary tokens: a word outside the vocabulary contributes
 P(<unk> | history) and is counted as OOV; a character outside the vocabulary is
-left out of the product and counted as OOV. With N scored factors (the end
+left out of the product and counted as OOV. A text with OOV tokens and none in
+the vocabulary is scored all the same, but an OOVWarning says that its figures
+are of <unk> or of its line ends alone (OOVCheck). With N scored factors (the end
 factor included, as KenLM counts), total ln P and the ln P of the OOV factors:
 
     perplexity           = exp(-lnP / N)
@@ -38,6 +40,63 @@ def safe_exp(x: float) -> float:
         return math.exp(x)
     except OverflowError:
         return math.inf
+
+
+class OOVWarning(UserWarning):
+    """Nothing of a text was in the model's vocabulary: its figures are those of <unk> (words) or of
+    the ends of line (characters) alone, not of the text (issue 18; the CLI prints it on stderr)."""
+    prefix = "warning"
+
+
+class OOVCheck:
+    """Finds the texts among scored results (each with "in_vocab": the factors whose target is a token
+    of the text in the vocabulary, the end factors left out) that have OOV tokens and nothing else,
+    and words the warning: a perplexity of such a text describes <unk> or empty lines, not the text."""
+
+    def __init__(self, level: str):
+        self.word = level == "word"
+        self.n_texts = self.oov = self.n_end = 0
+        self.empty: list[int] = []  # indices of the texts with nothing in the vocabulary (the first few)
+        self.n_empty = 0
+        self.tokens: set[str] = set()
+
+    def add(self, r: dict) -> None:
+        if r["oov"] and not r["in_vocab"]:
+            self.n_empty += 1
+            if len(self.empty) < 3:
+                self.empty.append(self.n_texts)
+            self.oov += r["oov"]
+            self.n_end += r["n_tokens"] - (r["oov"] if self.word else 0)
+            if len(self.tokens) < 6:
+                self.tokens.update(list(r.get("oov_tokens", ()))[:6])
+        self.n_texts += 1
+
+    def message(self, what: str = "the text") -> str | None:
+        if not self.n_empty or (self.n_texts == 1 and not self.word and not self.n_end):
+            return None  # (one text with no factor at all is refused: NOTHING_TO_SCORE)
+        unit = "word" if self.word else "character"
+        if self.n_empty < self.n_texts:
+            first = ", ".join(str(k + 1) for k in self.empty) + (", ..." if self.n_empty > len(self.empty) else "")
+            return (f"{self.n_empty} of {self.n_texts} texts have no {unit} in the model's vocabulary (text {first}): "
+                    f"their figures are those of " + ("<unk>" if self.word else "the end of line") + " alone")
+        subject = what if self.n_texts == 1 else f"the {self.n_texts} texts"
+        toks = sorted(self.tokens)[:5]
+        shown = ", ".join(map(repr, toks)) + (", ..." if len(self.tokens) > 5 else "")
+        n, e = self.oov, self.n_end
+        ends = f", and only {'its' if self.n_texts == 1 else 'their'} {e} line end{'s' if e != 1 else ''}" if e else ""
+        if self.word:
+            return (f"nothing of {subject} is in the model's vocabulary: {n} word{'s' if n != 1 else ''} ({shown}) "
+                    f"{'were each' if n != 1 else 'was'} scored as <unk>{ends + ' as themselves' if e else ''}; the "
+                    f"perplexity says how likely <unk> is, not how well the model predicts {subject}")
+        return (f"nothing of {subject} is in the model's vocabulary: {n} character{'s' if n != 1 else ''} ({shown}) "
+                f"{'were' if n != 1 else 'was'} left out{ends + (' were' if e != 1 else ' was') + ' scored' if e else ''}; "
+                f"the figures describe empty lines, not {subject}")
+
+    def warn(self, what: str = "the text") -> None:
+        message = self.message(what)
+        if message:
+            import warnings
+            warnings.warn(message, OOVWarning, stacklevel=3)
 
 
 def totals(total: float, n: int, oov_lp: float = 0.0, n_oov_factors: int = 0) -> dict:
@@ -75,8 +134,10 @@ def score_text(model: BaseModel, vocab: Vocab, text: str, *, eos: bool = True, w
         for pos, word in oov:
             shown[pos] = word
             is_oov[pos] = True
-    return summarize(targets, lp, shown, is_oov, n_skipped=0 if vocab.level == "word" else len(oov),
-                     oov_tokens=[t for _, t in oov])
+    r = summarize(targets, lp, shown, is_oov, n_skipped=0 if vocab.level == "word" else len(oov),
+                  oov_tokens=[t for _, t in oov])
+    r["in_vocab"] = int(((targets != vocab.eos_id) & ~is_oov).sum())  # the text's own tokens scored as themselves
+    return r
 
 
 def summarize(targets, lp, shown, is_oov, n_skipped: int = 0, oov_tokens=()) -> dict:
@@ -161,6 +222,8 @@ def evaluate_text(model: BaseModel, vocab: Vocab, text: str, *, streams: int = 1
         **totals(total, n, oov_lp, int(is_oov.sum())),
         "oov": len(oov),
         "streams": K,
+        "in_vocab": int((ids != vocab.eos_id).sum()) - int(is_oov.sum()),  # the text's tokens scored as themselves
+        "oov_tokens": sorted({t for _, t in oov[:100_000]})[:6],
     }
 
 
@@ -233,7 +296,8 @@ def score_totals(model: BaseModel, vocab: Vocab, texts: list[str], *, eos: bool 
             n, n_oov_factors = len(enc[i][0]), int(is_oov[:, b].sum())
             results[i] = {**totals(float(total[b]), n, float(oov_lp[b]), n_oov_factors),
                           "oov": n_oov_factors + enc[i][2], "oov_logprob": float(oov_lp[b]),
-                          "oov_tokens": enc[i][3]}
+                          "oov_tokens": enc[i][3],
+                          "in_vocab": int((enc[i][0] != vocab.eos_id).sum()) - n_oov_factors}
     return results
 
 
