@@ -55,6 +55,8 @@ def sample_cmd(
     """
     try:
         _check_sample_flags(length, temp, greedy, top_k, top_p, repetition_penalty, num_samples, beam, nbest)
+        if not abs(length_penalty) < float("inf"):
+            fail(f"--length-penalty must be a finite number, got {length_penalty}")
         _check_threads(threads)
         if seed is not None:
             check_seed("--seed", seed)
@@ -292,11 +294,26 @@ def eval_cmd(
     errors: Annotated[str, typer.Option(help="Undecodable bytes: strict, replace or ignore.")] = "strict",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the summary.")] = False,
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic evaluation (Mikolov's RNNLM -dynamic, Krause et "
+        "al. 2018): the model keeps learning from the file as it reads it. Each window is scored with the current "
+        "weights, then one SGD step is taken on that same window, and the next window is read with the state "
+        "carried. Sequential by nature: one stream (--streams 1) and one process (refused under mpiexec). The "
+        "checkpoint on disk is never changed.")] = False,
+    dynamic_lr: Annotated[Optional[float], typer.Option("--dynamic-lr", help="With --dynamic: SGD learning rate of "
+        "the step on each window's mean loss (gradient clipped to norm 1); 0 gives the static numbers. "
+        "Default: 0.1.", show_default=False)] = None,
+    dynamic_decay: Annotated[Optional[float], typer.Option("--dynamic-decay", help="With --dynamic: after each step "
+        "pull the weights back towards the loaded ones by this fraction, in [0, 1) (Krause's decay). "
+        "Default: 0 (none).", show_default=False)] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="With --dynamic: tokens per window (one "
+        "update each). Default: the model's training --seq-len.", show_default=False)] = None,
 ):
     """Perplexity (word models) or bits per character (character models) of a whole file.
 
     The file is one token sequence (one <eos> per line for word models, the newline characters for character
-    models) scored from the begin context, the first input being <eos> (or a newline).
+    models) scored from the begin context, the first input being <eos> (or a newline). With --dynamic the
+    model adapts to the file as it goes (dynamic evaluation): usually a lower perplexity on long texts that
+    repeat their names and phrases, at the cost of a backward pass per window on one stream.
     """
     from ..data import read_text
     from ..lm.api import load
@@ -304,15 +321,44 @@ def eval_cmd(
     try:
         if streams <= 0:
             fail(f"--streams must be positive, got {streams}")
+        _check_dynamic_flags(dynamic, dynamic_lr, dynamic_decay, seq_len, streams)
         text = read_text(file, encoding, errors, what="file")
         _check_threads(threads)
         lm = load(model, threads=threads)
         bar, advance = eval_progress(disable=as_json)
+        extra = dict(dynamic=True, dynamic_lr=dynamic_lr, dynamic_decay=dynamic_decay or 0.0,
+                     seq_len=seq_len) if dynamic else {}
         with bar:
-            r = lm.evaluate_text(text, streams, progress=advance, details=not as_json, source=file)
+            r = lm.evaluate_text(text, streams, progress=advance, details=not as_json, source=file, **extra)
+        if dynamic and not as_json:
+            out.print(f"dynamic evaluation: SGD lr {r['dynamic_lr']:g} after each window of {r['seq_len']} tokens, "
+                      f"decay {r['dynamic_decay']:g} (the checkpoint is not changed)")
         print_eval(r, word=lm.level == "word", as_json=as_json)
     except CharlmError as e:
         fail(str(e))
+
+
+def _check_dynamic_flags(dynamic: bool, lr: Optional[float], decay: Optional[float], seq_len: Optional[int],
+                         streams: int) -> None:
+    """The --dynamic flags, checked before the model is loaded, in the flags' own names."""
+    if not dynamic:
+        flags = (("--dynamic-lr", lr), ("--dynamic-decay", decay), ("--seq-len", seq_len))
+        given = [f for f, v in flags if v is not None]
+        if given:
+            fail(f"{given[0]} applies to dynamic evaluation: add --dynamic")
+        return
+    import math
+    if lr is not None and not (math.isfinite(lr) and lr >= 0):
+        fail(f"--dynamic-lr must be a finite number >= 0 (0: static evaluation), got {lr}")
+    if decay is not None and not 0 <= decay < 1:
+        fail(f"--dynamic-decay must be in [0, 1) (0: no pull back), got {decay}")
+    if seq_len is not None and seq_len <= 0:
+        fail(f"--seq-len must be positive, got {seq_len}")
+    if streams != 1:
+        fail(f"--dynamic reads the file in order on one stream: drop --streams {streams}")
+    from .. import dist
+    if dist.launched() and dist.size() > 1:
+        fail("--dynamic is sequential and runs in one process: run it without mpiexec")
 
 
 eval_cmd.__doc__ = eval_cmd.__doc__ + "\n\n" + PPL_HELP

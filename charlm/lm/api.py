@@ -12,6 +12,7 @@ returns plain values (str, float, int, list, dict); problems a user can fix rais
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -20,10 +21,11 @@ from ..data import Vocab, read_text
 from ..errors import CharlmError
 from . import checkpoint
 from .models import build_model
-from .score import NOTHING_TO_SCORE, corpus_total, evaluate_text, score_text
+from .score import NOTHING_TO_SCORE, OOVCheck, corpus_total, evaluate_text, score_text
 
 # what score() leaves out of each text's result unless details=True (the CLI's tables show them)
 SCORE_DETAILS = ("oov_tokens", "oov_logprob")
+INTERNAL = ("in_vocab",)  # what the scoring functions count for the OOV warning, never returned
 # what evaluate() returns (`charlm eval --json`); details=True adds "streams", the parts actually used
 EVAL_KEYS = ("n_tokens", "logprob", "perplexity", "perplexity_excl_oov", "bits_per_token", "oov")
 
@@ -166,11 +168,24 @@ class LanguageModel:
         check_length(length)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples <= 0:
             raise CharlmError(f"num_samples must be a positive whole number, got {num_samples!r}")
+        self._check_batch_memory(num_samples, length)
         dec = Decoding(temperature, top_k, top_p, repetition_penalty, greedy)
         with self._compute():
             if num_samples == 1:
                 return [sample_one(self._model, self.vocab, length, dec, prime, seed, check_stops(stop))]
             return sample_batch(self._model, self.vocab, num_samples, length, dec, prime, seed, check_stops(stop))
+
+    def _check_batch_memory(self, n: int, length: int) -> None:
+        """CharlmError before allocating if n samples side by side cannot fit: per sample its logits,
+        repetition mask and state, and per token its Python records (id, ln P, text piece)."""
+        from ..runtime import machine_memory
+        c = self.config
+        per_sample = len(self.vocab) * 13 + c.layers * max(c.hidden, getattr(c, "units", 0) or 0) * 4 * 12 \
+            + min(length, 1 << 40) * 160
+        have, who = machine_memory()
+        if n * per_sample > have:
+            raise CharlmError(f"{n:,} samples of {length:,} tokens side by side need ~{n * per_sample / 2**30:.1f} "
+                              f"GiB of memory; {who} {have / 2**30:.1f} GiB: ask for fewer samples or tokens")
 
     def beam_search(self, prime: str = "", length: int = 100, beam: int = 4, nbest: int = 1, *,
                     length_penalty: float = 0.0, stop: str | Sequence[str] | None = None) -> list[dict]:
@@ -182,6 +197,8 @@ class LanguageModel:
         from .beam import beam_search
         from .sample import check_length, check_stops
         check_length(length)
+        if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
+            raise CharlmError(f"length_penalty must be a finite number, got {length_penalty!r}")
         with self._compute():
             return beam_search(self._model, self.vocab, prime, length, beam, nbest, float(length_penalty),
                                check_stops(stop))
@@ -194,6 +211,9 @@ class LanguageModel:
         "perplexity", "perplexity_excl_oov", "n_tokens", "oov"}, natural logs. The text starts from the
         begin context and ends with the factor P(end | text) unless eos is False. A word outside the
         vocabulary contributes P(<unk> | history); a character outside it is left out; both count as oov.
+        A text with OOV tokens and nothing in the vocabulary is scored all the same, with an OOVWarning
+        (charlm.lm.score) saying that its figures are of <unk> or of its end alone; score_many, score_lines
+        and evaluate give the same warning (one for all their texts).
         """
         result = self.score_many([text], eos)["texts"][0]
         if result["n_tokens"] == 0:  # not a perfect perplexity of 1
@@ -215,8 +235,12 @@ class LanguageModel:
             from .. import dist
             results = [r for part in dist.allgather(results, "gathering the scores") for r in part]
         total = corpus_total(results)
-        if not details:
-            results = [{k: v for k, v in r.items() if k not in SCORE_DETAILS} for r in results]
+        check = OOVCheck(self.level)  # texts with nothing in the vocabulary: an OOVWarning says so
+        for r in results:
+            check.add(r)
+        check.warn()
+        hide = INTERNAL + (() if details else SCORE_DETAILS)
+        results = [{k: v for k, v in r.items() if k not in hide} for r in results]
         return {"texts": results, "total": total}
 
     def score_lines(self, lines: Iterable[str], eos: bool = True, *, batch: int = 64,
@@ -231,17 +255,21 @@ class LanguageModel:
             raise CharlmError(f"batch must be a positive whole number, got {batch!r}")
         from .. import dist
         it, k, me = iter(lines), dist.size(), dist.rank()
+        check = OOVCheck(self.level)  # texts with nothing in the vocabulary: an OOVWarning at the end
+        hide = INTERNAL + (() if details else SCORE_DETAILS)
         while True:  # under MPI each rank reads the same lines and scores every k-th batch of them
             blocks = [[line[:-1] if line.endswith("\n") else line for line in itertools.islice(it, batch)]
                       for _ in range(k)]
             if not blocks[0]:
+                check.warn()
                 return
             with self._compute():
                 results = score_totals(self._model, self.vocab, blocks[me], eos=eos) if blocks[me] else []
             if k > 1:
                 results = [r for part in dist.allgather(results, "gathering the scores") for r in part]
             for r in results:
-                yield r if details else {k: v for k, v in r.items() if k not in SCORE_DETAILS}
+                check.add(r)
+                yield {k: v for k, v in r.items() if k not in hide}
 
     def rescore_nbest(self, lines: Iterable[str], eos: bool = True, *, batch: int = 64) -> Iterator[dict]:
         """Kaldi n-best rescoring: each line `uttid-N w1 w2 ...` (the first field an id, the rest the
@@ -268,15 +296,18 @@ class LanguageModel:
 
     def evaluate(self, path: str | os.PathLike, streams: int = 1, *, encoding: str = "utf-8",
                  errors: str = "strict", progress: Callable[[int, int], None] | None = None,
-                 details: bool = False) -> dict:
+                 details: bool = False, dynamic: bool = False, dynamic_lr: float | None = None,
+                 dynamic_decay: float = 0.0, seq_len: int | None = None) -> dict:
         """Perplexity and bits per token of a whole text file ("-": standard input): the dict
         `charlm eval FILE --json` prints. See evaluate_text; errors: strict, replace or ignore."""
         path = os.fspath(path)
         text = read_text(path, encoding, errors, what="file")
-        return self.evaluate_text(text, streams, progress=progress, details=details, source=path)
+        return self.evaluate_text(text, streams, progress=progress, details=details, source=path, dynamic=dynamic,
+                                  dynamic_lr=dynamic_lr, dynamic_decay=dynamic_decay, seq_len=seq_len)
 
     def evaluate_text(self, text: str, streams: int = 1, *, progress: Callable[[int, int], None] | None = None,
-                      details: bool = False, source: str = "the text") -> dict:
+                      details: bool = False, source: str = "the text", dynamic: bool = False,
+                      dynamic_lr: float | None = None, dynamic_decay: float = 0.0, seq_len: int | None = None) -> dict:
         """Perplexity and bits per token of a whole text: {"n_tokens", "logprob", "perplexity",
         "perplexity_excl_oov", "bits_per_token", "oov"}.
 
@@ -286,14 +317,50 @@ class LanguageModel:
         contiguous parts side by side, faster but slightly pessimistic (each part restarts from the zero
         state). progress(done_tokens, total_tokens) is called as the work advances. details=True adds
         "streams" (K, at most the number of tokens). source names the text in error messages.
+
+        dynamic=True: dynamic evaluation (charlm.lm.dynamic; Mikolov's RNNLM -dynamic, Krause et al.
+        2018): one stream, in windows of seq_len tokens (None: the model's training seq_len), each
+        scored with the current weights and then learned from by one SGD step of dynamic_lr (None:
+        charlm.lm.dynamic.DEFAULT_LR; 0 gives the static numbers) on the window's mean loss, the
+        gradient clipped to a norm of DEFAULT_CLIP, the weights pulled back towards the loaded ones
+        by dynamic_decay in [0, 1) after each step. The result then also has "dynamic": True,
+        "dynamic_lr", "dynamic_decay" and "seq_len". This LanguageModel's weights are the same after
+        the call as before it, and the checkpoint file is never written. One process only: under
+        MPI it is refused (it is sequential, there is nothing to share).
         """
         if not isinstance(streams, int) or isinstance(streams, bool) or streams <= 0:
             raise CharlmError(f"streams must be a positive whole number, got {streams!r}")
+        if dynamic:
+            from .dynamic import DEFAULT_LR, check_dynamic
+            dynamic_lr = DEFAULT_LR if dynamic_lr is None else dynamic_lr
+            seq_len = seq_len if seq_len is not None else (self._ckpt.train.seq_len if self._ckpt.train else 64)
+            check_dynamic(dynamic_lr, dynamic_decay, seq_len)
+            seq_len = int(seq_len)
+            if streams != 1:
+                raise CharlmError(f"dynamic evaluation reads the text in order on one stream (streams=1), got "
+                                  f"streams={streams}")
+            from .. import dist
+            if dist.size() > 1:
+                raise CharlmError("dynamic evaluation is sequential and runs in one process: run it without mpiexec")
+        elif dynamic_lr is not None or dynamic_decay or seq_len is not None:
+            raise CharlmError("dynamic_lr, dynamic_decay and seq_len apply to dynamic evaluation: give dynamic=True")
         if text and not text.endswith("\n"):
             text += "\n"  # the last line ends with <eos> too, newline or not
         with self._compute():
-            r = evaluate_text(self._model, self.vocab, text, streams=streams, progress=progress)
+            if dynamic:
+                from .dynamic import evaluate_text as dynamic_evaluate_text
+                r = dynamic_evaluate_text(self._model, self.vocab, text, seq_len=seq_len, lr=float(dynamic_lr),
+                                          decay=float(dynamic_decay), progress=progress)
+            else:
+                r = evaluate_text(self._model, self.vocab, text, streams=streams, progress=progress)
         if r["n_tokens"] == 0:  # not a perfect perplexity of 1
             raise CharlmError(f"nothing to evaluate: {source} is empty" + (
                 f" but for {r['oov']} characters outside the model's vocabulary" if r["oov"] else ""))
-        return {k: r[k] for k in EVAL_KEYS + (("streams",) if details else ())}
+        check = OOVCheck(self.level)  # nothing of the text in the vocabulary: an OOVWarning says so
+        check.add(r)
+        check.warn(source)
+        result = {k: r[k] for k in EVAL_KEYS + (("streams",) if details else ())}
+        if dynamic:
+            result.update(dynamic=True, dynamic_lr=float(dynamic_lr), dynamic_decay=float(dynamic_decay),
+                          seq_len=seq_len)
+        return result
