@@ -184,11 +184,17 @@ def model_table(meas: dict) -> list[str]:
                     cells.append("–")
                     continue
                 t = compute_s(meas, ref, ratio, N / k, T) + allreduce_s(nbytes, k, bw, lat)
-                cells.append(f"{N * T / t / 1e3:,.0f}k ({N * T / t / (k * base):.0%})")
+                cells.append(f"{rate(N * T / t)} ({N * T / t / (k * base):.0%})")
             weak = 64 * 32 * T / (compute_s(meas, ref, ratio, 32, T) + allreduce_s(nbytes, 64, bw, lat))
-            cells.append(f"{weak / 1e3:,.0f}k ({weak / (64 * 32 * T / compute_s(meas, ref, ratio, 32, T)):.0%})")
+            cells.append(f"{rate(weak)} ({weak / (64 * 32 * T / compute_s(meas, ref, ratio, 32, T)):.0%})")
             lines.append(f"| {link} | " + " | ".join(cells) + " |")
     return lines
+
+
+def rate(tokens_per_s: float) -> str:
+    """Tokens/s for the tables: thousands above 10k, else whole numbers (a big model runs a few hundred
+    tokens/s, which thousands without decimals showed as "0k")."""
+    return f"{tokens_per_s / 1e3:,.0f}k" if tokens_per_s >= 1e4 else f"{tokens_per_s:,.0f}"
 
 
 def section(meas: dict) -> str:

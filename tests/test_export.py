@@ -264,3 +264,15 @@ def test_safetensors_of_a_tied_model_spells_out_the_decoder(tmp_path):
     tensors, _ = read_safetensors(str(tmp_path / "t.safetensors"))
     np.testing.assert_array_equal(tensors["decoder.weight"], params["embedding.weight"])
     assert set(tensors) == set(params) | {"decoder.weight"}
+
+
+def test_the_library_exports_as_the_command_does(run_cli, run, tmp_path):
+    """LanguageModel.export writes the same tensors and side file as `charlm export`."""
+    ok(run_cli("export", str(run), "-o", "cli.safetensors"))
+    files = charlm.load(str(run)).export(tmp_path / "lib.safetensors")
+    assert files == [str(tmp_path / "lib.safetensors"), str(tmp_path / "lib.safetensors.json")]
+    a, _ = read_safetensors(str(tmp_path / "cli.safetensors"))
+    b, _ = read_safetensors(files[0])
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(charlm.CharlmError, match="unknown export format"):
+        charlm.load(str(run)).export(tmp_path / "x", "pickle")

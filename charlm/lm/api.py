@@ -103,6 +103,14 @@ class LanguageModel:
         from .info import plot_curves
         return plot_curves(self._ckpt, os.fspath(path), title)
 
+    def export(self, path: str | os.PathLike, format: str = "safetensors") -> list[str]:
+        """Write the model as `charlm export MODEL --format FORMAT -o PATH` does ("safetensors": tensors
+        named as torch.nn state_dict keys; "onnx": a graph from ids and state to log-probabilities and
+        the new state, needs the onnx extra). Returns the files written (the model, and PATH + ".json":
+        configuration and vocabulary)."""
+        from .export import export
+        return export(self._ckpt, os.fspath(path), format)
+
     @property
     def threads(self) -> int | None:
         return self._threads
