@@ -128,3 +128,12 @@ def test_the_backward_child_compiles_what_training_calls(cell):
     with compute_threads(2):
         model.loss_and_grads(x, x, model.zero_state(2), model.zero_grads(), np.random.default_rng(0))
     assert set(backward.signatures) == before
+
+
+def test_no_child_when_the_cache_holds_the_kernel():
+    # a warm start must not pay a child's start-up to load what the parent loads in milliseconds
+    out, table = np.zeros((2, 3), np.float32), np.ones((4, 3), np.float32)
+    layers.embedding_forward(out, np.array([0, 3], np.int32), table)  # compiled or loaded: now in the cache
+    assert precompile.cached(layers.embedding_forward, np.float32)
+    assert not precompile.cached(layers.embedding_forward, np.float16)
+    assert not precompile.cached(_fresh(layers.embedding_forward), np.float32)  # no cache at all

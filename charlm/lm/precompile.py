@@ -58,6 +58,19 @@ def compile_sampler(cfg, vocab, dtype: str, threads: int) -> None:
         "".join(generate(create_model(cfg, 0, np.dtype(dtype)), vocab, 2, seed=0))
 
 
+def cached(dispatcher, dtype) -> bool:
+    """Whether Numba's on-disk cache holds the kernel for some signature with arrays of dtype (then a
+    child would only load it too, after a second or more of start-up). Reads Numba's cache index (an
+    internal interface): any surprise counts as not cached, which only costs the child."""
+    try:
+        import numpy as np
+        name = np.dtype(dtype).name
+        index = dispatcher._cache._cache_file._load_index()
+        return any(str(getattr(a, "dtype", "")) == name for key in index for a in key[0])
+    except Exception:
+        return False
+
+
 def compile_backward(cfg, dtype: str, threads: int) -> None:
     """Compile (or load) the recurrent layers' backward kernel of a model of cfg with parameters of
     dtype, on zero arrays of a one-step, one-stream window (the kernels' signatures depend on the
@@ -76,13 +89,17 @@ def compile_backward(cfg, dtype: str, threads: int) -> None:
 
 def backward_in_background(model) -> Background | None:
     """Start compiling model's backward kernel in a child process, or None if it has none (the ESN)."""
-    if not hasattr(model, "layer_backward"):
+    if not hasattr(model, "layer_backward") or cached(model._bwd, model.dtype):
         return None
     import numba
     return Background(compile_backward, model.cfg, model.dtype.str, numba.get_num_threads())
 
 
-def sampler_in_background(model, vocab) -> Background:
-    """Start compiling model's sampler in a child process (see the module docstring)."""
+def sampler_in_background(model, vocab) -> Background | None:
+    """Start compiling model's sampler in a child process (see the module docstring), or None if the
+    cache holds it already."""
+    from ..kernels.sample import stack_sample
+    if model.cfg.cell != "esn" and model.cfg.softmax == "full" and cached(stack_sample, model.dtype):
+        return None
     import numba
     return Background(compile_sampler, model.cfg, vocab, model.dtype.str, numba.get_num_threads())
