@@ -113,23 +113,6 @@ def test_a_failing_background_job_leaves_the_parent_alone():
     assert job.proc.exitcode not in (0, None)
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
-def test_the_backward_child_compiles_what_training_calls(cell):
-    # the child's arrays must give the very signature of the training step's call, or the parent
-    # compiles the kernel again after waiting for the child
-    from charlm.lm.model import _CELL_KERNELS
-    vocab = Vocab.from_text("hello, world\n")
-    cfg = ModelConfig(cell=cell, vocab_size=len(vocab), embed=8, hidden=32, layers=2, dropout=0.1)
-    precompile.compile_backward(cfg, np.dtype(np.float32).str, 2)
-    backward = _CELL_KERNELS[cell][1]
-    before = set(backward.signatures)
-    model = Model.create(cfg, seed=0, dtype=np.float32)
-    x = np.array([[0, 1], [2, 3], [1, 0]], dtype=np.int32)
-    with compute_threads(2):
-        model.loss_and_grads(x, x, model.zero_state(2), model.zero_grads(), np.random.default_rng(0))
-    assert set(backward.signatures) == before
-
-
 def test_no_child_when_the_cache_holds_the_kernel():
     # a warm start must not pay a child's start-up to load what the parent loads in milliseconds
     out, table = np.zeros((2, 3), np.float32), np.ones((4, 3), np.float32)

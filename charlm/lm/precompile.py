@@ -71,30 +71,6 @@ def cached(dispatcher, dtype) -> bool:
         return False
 
 
-def compile_backward(cfg, dtype: str, threads: int) -> None:
-    """Compile (or load) the recurrent layers' backward kernel of a model of cfg with parameters of
-    dtype, on zero arrays of a one-step, one-stream window (the kernels' signatures depend on the
-    arrays' types, not their sizes)."""
-    import numpy as np
-    from ..runtime import compute_threads
-    from .models import create_model
-    model = create_model(cfg, 0, np.dtype(dtype))
-    ws = model.workspace_type(cfg, 1, 1, model.dtype)
-    grads = model.zero_grads()
-    with compute_threads(threads):
-        for k in range(min(cfg.layers, 2)):  # layer 0 reads the embeddings, the others the layer below
-            model.layer_backward(k, ws.dx[k], grads, ws.dh0, ws.dc0, ws.dacts, ws.dacts_h, ws.dhs[k],
-                                 ws.hs[k], ws.cs[k], ws.acts[k], ws.emb if k == 0 else ws.hs[k - 1][1:])
-
-
-def backward_in_background(model) -> Background | None:
-    """Start compiling model's backward kernel in a child process, or None if it has none (the ESN)."""
-    if not hasattr(model, "layer_backward") or cached(model._bwd, model.dtype):
-        return None
-    import numba
-    return Background(compile_backward, model.cfg, model.dtype.str, numba.get_num_threads())
-
-
 def sampler_in_background(model, vocab) -> Background | None:
     """Start compiling model's sampler in a child process (see the module docstring), or None if the
     cache holds it already."""

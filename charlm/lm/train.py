@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numba
 import numpy as np
 
 from . import checkpoint as ckpt_mod
@@ -74,22 +73,6 @@ def _warm_up(model, batches: Batches, with_sampler: bool, vocab: Vocab) -> None:
     x, y = np.ascontiguousarray(x[:2, :1]), np.ascontiguousarray(y[:2, :1])
     grads = model.zero_grads()
     rng = np.random.default_rng(0)
-    # the recurrent layers' backward kernel (a third of the compilation) in a child process on the
-    # other core, while this one compiles the forward pass and the head (charlm.lm.precompile);
-    # joined before the first backward pass, which then loads it from the cache
-    backward = None
-    if dist.size() == 1:
-        from .precompile import backward_in_background
-        backward = backward_in_background(model)
-    if backward is not None:
-        try:
-            ws = model._forward(x, model.zero_state(1), rng)
-            model.head.loss_and_backward(model.params, ws.top, y.reshape(-1).astype(np.int32), 1.0, model._dtop(ws),
-                                         grads, numba.get_num_threads())
-        except BaseException:  # Ctrl-C, an error: do not wait for the child
-            backward.stop()
-            raise
-        backward.wait()
     model.loss_and_grads(x, y, model.zero_state(1), grads, rng)
     model.loss(x, y, model.zero_state(1))
     opt = make_optimizer("adam", {k: v.copy() for k, v in model.trainable.items()})
