@@ -9,7 +9,8 @@ every kernel it calls is compiled. CPU seconds are what count on a shared machin
 and its children, from getrusage); wall seconds are printed with the load average beside them. Per kernel,
 Numba's event API ("numba:compile") gives each dispatcher's compilation for each signature; the table shows
 its own CPU time (callees compiled along the way subtracted) and the time including them. A compile that
-ran in a worker process (charlm.kernels.precompile) is counted in the command's total, not in the table.
+ran in a child process (charlm.lm.precompile) is counted in the command's total CPU, not in the table.
+For train, "wall to 1st step" is the warm-up the command reports ("Kernels compiled in ... s").
 
 The model for `sample` / `score` is trained first by a warm `charlm train --steps 1` (not timed).
 """
@@ -116,7 +117,10 @@ def _cold(name: str, argv: list[str], env: dict) -> dict:
         os.remove(out_json)
     except OSError:
         info = {"rows": []}
-    return dict(info, name=name, total_cpu=cpu, total_wall=wall, load=load, rc=p.returncode)
+    import re
+    m = re.search(r"Kernels compiled in ([0-9.]+) s", p.stderr)  # train: the wall seconds before its first step
+    return dict(info, name=name, total_cpu=cpu, total_wall=wall, load=load, rc=p.returncode,
+                compiled=float(m.group(1)) if m else None)
 
 
 def main(names: list[str]) -> None:
@@ -147,12 +151,14 @@ def main(names: list[str]) -> None:
         cells = " ".join(f"{per[key][r['name']]:10.2f}" if r["name"] in per[key] else f"{'':10s}" for r in results)
         print(f"{key[0]:42.42s} {key[1]:70.70s} {cells} {incl[key]:6.2f}")
     print()
-    print(f"{'command (empty cache)':24s} {'CPU s':>7s} {'wall s':>7s} {'load':>5s} {'sigs':>5s} {'compile CPU s':>13s}")
+    print(f"{'command (empty cache)':24s} {'CPU s':>7s} {'wall s':>7s} {'load':>5s} {'sigs':>5s} {'compile CPU s':>13s} "
+          f"{'wall to 1st step':>16s}")
     for r in results:
         n = sum(1 for row in r["rows"])
         comp = sum(row[3] for row in r["rows"])
         print(f"charlm {r['name']:17s} {r['total_cpu']:7.1f} {r['total_wall']:7.1f} {r['load']:5.1f} {n:5d} "
-              f"{comp:13.1f}{'' if not r['rc'] else '  (failed)'}")
+              f"{comp:13.1f} {'' if r['compiled'] is None else format(r['compiled'], '16.1f')}"
+              f"{'' if not r['rc'] else '  (failed)'}")
 
 
 if __name__ == "__main__":
