@@ -65,11 +65,14 @@ def softmax_xent_forward(probs, logits, targets, parts=1):
     """
     M = logits.shape[0]
     nc = n_parts(parts, M)
-    partial = np.zeros(nc)
+    partial = np.empty(nc)
     for c in prange(nc):
-        m0, m1 = chunk(c, nc, M)
+        m0, m1 = chunk(np.int64(c), nc, M)
         partial[c] = _softmax_rows(probs, logits, targets, m0, m1)
-    return partial.sum()
+    total = 0.0
+    for c in range(nc):  # a loop: partial.sum() would be one more parallel reduction to compile
+        total += partial[c]
+    return total
 
 
 @njit(**PJIT)
@@ -241,23 +244,51 @@ def linear_backward(dx, dW, db, dout, x, W, parts=1):
     K = W.shape[0]
     nc = n_parts(parts, M)
     pW = np.empty((nc, K, D), dtype=dW.dtype)  # every part overwrites its own (np.dot out=)
-    pb = np.zeros((nc, K), dtype=db.dtype)
+    pb = _zeros_2d(nc, K, db)
     with_dx = dx.shape[0] == M
     with_db = db.shape[0] == K
     for c in prange(nc):
-        m0, m1 = chunk(c, nc, M)
-        d2 = dout[m0:m1]
-        np.dot(d2.T, x[m0:m1], pW[c])
-        if with_db:
-            for r in range(m1 - m0):
-                for k in range(K):
-                    pb[c, k] += d2[r, k]
-        if with_dx:
-            dx[m0:m1] += np.dot(d2, W)
-    for c in range(nc):
-        dW += pW[c]
-        if with_db:
-            db += pb[c]
+        _linear_backward_part(dx, pW[c], pb[c], dout, x, W, np.int64(c), nc, with_dx, with_db)
+    _add_partials(dW, db, pW, pb, with_db)
+
+
+@njit(**JIT)
+def _zeros_2d(n, k, like):
+    """np.zeros((n, k)) of like's dtype, outside the parallel kernel (where Numba would turn the
+    zeroing into one more parallel loop to compile)."""
+    return np.zeros((n, k), dtype=like.dtype)
+
+
+@njit(**JIT)
+def _add_partials(dW, db, pW, pb, with_db):
+    """dW (K, D) += sum over parts of pW (nc, K, D); db (K,) += that of pb (nc, K) when with_db."""
+    K, D = dW.shape
+    for c in range(pW.shape[0]):
+        for k in range(K):
+            for d in range(D):
+                dW[k, d] += pW[c, k, d]
+            if with_db:
+                db[k] += pb[c, k]
+
+
+@njit(**JIT)
+def _linear_backward_part(dx, pW, pb, dout, x, W, c, nc, with_dx, with_db):
+    """Part c of nc of linear_backward: its rows' dW into pW (K, D) (overwritten), db into
+    pb (K,) (added), dx rows (added). A call as the whole prange body: Numba's parallel
+    transform compiles it several times faster than the same code written inline
+    (benchmarks/compile_times.py)."""
+    M = x.shape[0]
+    K = W.shape[0]
+    m0, m1 = chunk(c, nc, M)
+    d2 = dout[m0:m1]
+    np.dot(d2.T, x[m0:m1], pW)
+    if with_db:
+        for r in range(m1 - m0):
+            for k in range(K):
+                pb[k] += d2[r, k]
+    if with_dx:
+        dxp = dx[m0:m1]  # a name: `dx[m0:m1] += ...` would assign a slice (see parallel.copy_row)
+        dxp += np.dot(d2, W)
 
 
 @njit(**PJIT)

@@ -108,12 +108,20 @@ def _lstm_recur_by_units(hs, cs, acts, Whh, bias, nc):
     hT = state_T(hs[0])
     for t in range(T):
         for c in prange(nc):
-            j0, j1 = chunk(c, nc, H)
-            w = j1 - j0
-            rT = unit_product(Wp[c, :4 * w], hT[t % 2], recT[c])  # (4w, N)
-            _lstm_cell_units(hs[t + 1], cs[t + 1], acts[t], rT, rec[c, :N * 4 * w].reshape(N, 4 * w),
-                             bias, cs[t], H, j0, j1)
-            transpose_into(hT[(t + 1) % 2, j0:j1], hs[t + 1, :, j0:j1])
+            _recur_part(t, np.int64(c), nc, hs, cs, acts, Wp, bias, hT, recT, rec)
+
+
+@njit(**JIT)
+def _recur_part(t, c, nc, hs, cs, acts, Wp, bias, hT, recT, rec):
+    """Step t of _lstm_recur_by_units for part c of nc (its units [j0, j1)); a call as the whole
+    prange body (see _backrecur_part)."""
+    N, H = hs.shape[1], hs.shape[2]
+    j0, j1 = chunk(c, nc, H)
+    w = j1 - j0
+    rT = unit_product(Wp[c, :4 * w], hT[t % 2], recT[c])  # (4w, N)
+    _lstm_cell_units(hs[t + 1], cs[t + 1], acts[t], rT, rec[c, :N * 4 * w].reshape(N, 4 * w),
+                     bias, cs[t], H, j0, j1)
+    transpose_into(hT[(t + 1) % 2, j0:j1], hs[t + 1, :, j0:j1])
 
 
 @njit(**JIT)
@@ -191,7 +199,10 @@ def _pack_unit_rows_t(Whh, nc):
     for c in range(nc):
         j0, j1 = chunk(c, nc, H)
         w = j1 - j0
-        out[c, :H * 4 * w].reshape(H, 4 * w)[:, :] = Wp[c, :4 * w].T
+        o = out[c, :H * 4 * w].reshape(H, 4 * w)
+        for r in range(4 * w):  # loops, not a slice assignment: see parallel.copy_row
+            for k in range(H):
+                o[k, r] = Wp[c, r, k]
     return out
 
 
@@ -211,42 +222,69 @@ def _lstm_backrecur_by_units(dh0, dc0, dacts, dhs, cs, acts, Whh, nc):
     H = G4 // 4
     WrT = _pack_unit_rows_t(Whh, nc)
     wmax = (H + nc - 1) // nc
-    part = np.zeros((2, nc, H * N), dtype=acts.dtype)  # [parity, part] partial (H, N)
-    dac = np.zeros((nc, N * 4 * wmax), dtype=acts.dtype)
-    dacT = np.zeros((nc, 4 * wmax * N), dtype=acts.dtype)
-    dhT = np.zeros((nc, wmax * N), dtype=acts.dtype)
-    dh = np.zeros((nc, N * wmax), dtype=acts.dtype)
-    dc = np.zeros((nc, N * wmax), dtype=acts.dtype)
+    part, dac, dacT, dhT, dh, dc = _backrecur_buffers(nc, N, H, wmax, acts)
     for t in range(T - 1, -1, -1):
         for c in prange(nc):
-            j0, j1 = chunk(c, nc, H)
-            w = j1 - j0
-            dhc = dh[c, :N * w].reshape(N, w)
-            dcc = dc[c, :N * w].reshape(N, w)
-            if t + 1 < T:
-                _sum_partials(dhc, dhT[c, :w * N].reshape(w, N), part[(t + 1) % 2], N, j0, j1)
-            d4 = dac[c, :N * 4 * w].reshape(N, 4 * w)
-            d4T = dacT[c, :4 * w * N].reshape(4 * w, N)
-            for n in range(N):
-                _lstm_cell_backward(dacts[t, n], dhc[n], dcc[n], acts[t, n], cs[t, n], cs[t + 1, n],
-                                    dhs[t, n], H, j0, j1)
-                src = dacts[t, n]
-                dst = d4[n]
-                for g in range(4):
-                    s = src[g * H + j0:g * H + j1]
-                    o = dst[g * w:(g + 1) * w]
-                    for j in range(w):
-                        o[j] = s[j]
-            transpose_into(d4T, d4)
-            dot_rows(WrT[c, :H * 4 * w].reshape(H, 4 * w), d4T, part[t % 2, c].reshape(H, N),
-                     small_rows(H, 4 * w, N))
+            _backrecur_part(t, np.int64(c), nc, part, dac, dacT, dhT, dh, dc, dacts, dhs, cs, acts, WrT)
     for c in prange(nc):
-        j0, j1 = chunk(c, nc, H)
-        w = j1 - j0
-        dhc = dh[c, :N * w].reshape(N, w)
-        _sum_partials(dhc, dhT[c, :w * N].reshape(w, N), part[0], N, j0, j1)  # dL/dh_0
-        dh0[:, j0:j1] += dhc
-        dc0[:, j0:j1] += dc[c, :N * w].reshape(N, w)
+        _backrecur_finish(np.int64(c), nc, part, dhT, dh, dc, dh0, dc0)
+
+
+@njit(**JIT)
+def _backrecur_buffers(nc, N, H, wmax, acts):
+    """The zeroed work space of _lstm_backrecur_by_units: partials (2, nc, H N) [parity, part],
+    and per part dac, dacT (nc, 4 wmax N), dhT, dh, dc (nc, wmax N). Allocated here, outside the
+    parallel kernel, where Numba would turn each np.zeros into one more parallel loop to compile."""
+    dt = acts.dtype
+    return (np.zeros((2, nc, H * N), dtype=dt), np.zeros((nc, N * 4 * wmax), dtype=dt),
+            np.zeros((nc, 4 * wmax * N), dtype=dt), np.zeros((nc, wmax * N), dtype=dt),
+            np.zeros((nc, N * wmax), dtype=dt), np.zeros((nc, N * wmax), dtype=dt))
+
+
+# The bodies of the prange loops above are calls: Numba's parallel transform then has
+# nothing to analyse inside them, which made the kernel compile in ~2 s instead of ~7 s
+# (benchmarks/compile_times.py), for the same machine code in each thread.
+@njit(**JIT)
+def _backrecur_part(t, c, nc, part, dac, dacT, dhT, dh, dc, dacts, dhs, cs, acts, WrT):
+    """Step t of _lstm_backrecur_by_units for part c of nc (its units [j0, j1))."""
+    T, N, G4 = dacts.shape
+    H = G4 // 4
+    j0, j1 = chunk(c, nc, H)
+    w = j1 - j0
+    dhc = dh[c, :N * w].reshape(N, w)
+    dcc = dc[c, :N * w].reshape(N, w)
+    if t + 1 < T:
+        _sum_partials(dhc, dhT[c, :w * N].reshape(w, N), part[(t + 1) % 2], N, j0, j1)
+    d4 = dac[c, :N * 4 * w].reshape(N, 4 * w)
+    d4T = dacT[c, :4 * w * N].reshape(4 * w, N)
+    for n in range(N):
+        _lstm_cell_backward(dacts[t, n], dhc[n], dcc[n], acts[t, n], cs[t, n], cs[t + 1, n],
+                            dhs[t, n], H, j0, j1)
+        src = dacts[t, n]
+        dst = d4[n]
+        for g in range(4):
+            s = src[g * H + j0:g * H + j1]
+            o = dst[g * w:(g + 1) * w]
+            for j in range(w):
+                o[j] = s[j]
+    transpose_into(d4T, d4)
+    dot_rows(WrT[c, :H * 4 * w].reshape(H, 4 * w), d4T, part[t % 2, c].reshape(H, N),
+             small_rows(H, 4 * w, N))
+
+
+@njit(**JIT)
+def _backrecur_finish(c, nc, part, dhT, dh, dc, dh0, dc0):
+    """After the time loop: part c adds dL/dh_0 and dL/dc_0 of its units into dh0, dc0 (N, H)."""
+    N, H = dh0.shape
+    j0, j1 = chunk(c, nc, H)
+    w = j1 - j0
+    dhc = dh[c, :N * w].reshape(N, w)
+    _sum_partials(dhc, dhT[c, :w * N].reshape(w, N), part[0], N, j0, j1)  # dL/dh_0
+    dcc = dc[c, :N * w].reshape(N, w)
+    for n in range(N):
+        for j in range(w):
+            dh0[n, j0 + j] += dhc[n, j]
+            dc0[n, j0 + j] += dcc[n, j]
 
 
 @njit(**JIT)

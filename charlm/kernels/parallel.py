@@ -48,6 +48,18 @@ def n_parts(parts, n):
 # for fewer than 16 units and as the tests' reference. Timings: BENCHMARKS.md.
 
 @njit(**JIT)
+def copy_row(dst, src):
+    """dst[:] = src for two 1-D arrays of one length, element by element.
+
+    Kernels copy with this rather than a slice assignment (a[i] = b[j]): Numba compiles
+    each assignment of an array into a slice together with its shape-mismatch message,
+    string formatting included, which costs ~1.5 s of compilation per array rank on a
+    first run (benchmarks/compile_times.py), for a copy this loop does as fast."""
+    for k in range(dst.shape[0]):
+        dst[k] = src[k]
+
+
+@njit(**JIT)
 def unit_parts(parts, H):
     """How many unit parts: one per thread, each at least 16 units (a vector or two)."""
     return max(1, min(parts, H // 16))
@@ -66,7 +78,8 @@ def pack_unit_rows(Whh, nc):
         j0, j1 = chunk(c, nc, H)
         w = j1 - j0
         for g in range(G):
-            out[c, g * w:(g + 1) * w] = Whh[g * H + j0:g * H + j1]
+            for j in range(w):  # element loops, not a slice assignment: see copy_row
+                copy_row(out[c, g * w + j], Whh[g * H + j0 + j])
     return out
 
 

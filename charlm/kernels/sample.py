@@ -17,7 +17,7 @@ from .fastmath import act_tanh
 from .gru import gru_cell
 from .layers import pick_token
 from .lstm import lstm_cell
-from .parallel import JIT, PJIT, chunk, unit_parts
+from .parallel import JIT, PJIT, chunk, copy_row, unit_parts
 
 CELL_CODES = {"rnn": 0, "gru": 1, "lstm": 2}
 
@@ -112,7 +112,7 @@ def _layer_part(cell, hnew, c, act, ax, ah, inp, hold, WihT, WhhT, bih, bhh, j0,
     read."""
     w = j1 - j0
     if pre.shape[0] > 0:
-        ax[0, :] = pre
+        copy_row(ax[0], pre)
     else:
         _matvec_t(ax[0], inp, WihT, bih)
     _matvec_t(ah[0], hold, WhhT, bhh)
@@ -194,16 +194,18 @@ def stack_sample(out, lps, hs, cs, seen, prime, uniforms, cell, emb, WihT0, WihT
     wmax = -(-H // P)
     nv = max(1, min(parts, V // 64))
     hb = np.empty((2, L, H), dtype=hs.dtype)
-    hb[0] = hs[:, 0]
-    cur = 0
+    for l in range(L):
+        copy_row(hb[0, l], hs[l, 0])
+    cur = np.int64(0)  # not the literal 0, which would compile _stack_step once more
     ax = np.empty((P, 1, Gw), dtype=hs.dtype)
     ah = np.empty((P, 1, Gw), dtype=hs.dtype)
     act = np.empty((P, 1, 4 * wmax), dtype=hs.dtype)  # gru keeps 4 blocks
     logits = np.empty(V, dtype=hs.dtype)
     adj = np.empty(V, dtype=np.float64)
     scratch = np.empty(V, dtype=np.float64)
-    for p in range(prime.shape[0]):
-        _stack_step(cell, hb, cur, cs, act, ax, ah, prime[p], emb, WihT0, WihT_rest, WhhT, bih, bhh, table)
+    for p in range(prime.shape[0]):  # the token as int64, as the sampled ones: one compiled _stack_step
+        _stack_step(cell, hb, cur, cs, act, ax, ah, np.int64(prime[p]), emb, WihT0, WihT_rest, WhhT, bih, bhh,
+                    table)
         cur = 1 - cur
     K = out.shape[0]
     for k in range(K):
@@ -217,7 +219,8 @@ def stack_sample(out, lps, hs, cs, seen, prime, uniforms, cell, emb, WihT0, WihT
         if k + 1 < K:
             _stack_step(cell, hb, cur, cs, act, ax, ah, tok, emb, WihT0, WihT_rest, WhhT, bih, bhh, table)
             cur = 1 - cur
-    hs[:, 0] = hb[cur]
+    for l in range(L):
+        copy_row(hs[l, 0], hb[cur, l])
 
 
 @njit(**JIT)

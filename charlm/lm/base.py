@@ -132,14 +132,14 @@ class BaseModel:
     def loss(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[float, State]:
         """Mean cross-entropy (nats) of targets y (T, N) given inputs x (T, N); no dropout."""
         ws = self._forward(x, state, None)
-        total = self.head.loss(self.params, ws.top, np.ascontiguousarray(y).reshape(-1), numba.get_num_threads())
+        total = self.head.loss(self.params, ws.top, np.ascontiguousarray(y, dtype=np.int32).reshape(-1), numba.get_num_threads())
         return float(total) / y.size, self._final_state(ws)  # float: a NumPy scalar without the JIT
 
     def token_logprobs(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """log P(y[t, n] | inputs up to x[t, n]) as float64 (T, N), and the state after."""
         ws = self._forward(x, state, None)
         out = np.empty(y.size, dtype=np.float64)
-        self.head.gather(self.params, ws.top, np.ascontiguousarray(y).reshape(-1), out, numba.get_num_threads())
+        self.head.gather(self.params, ws.top, np.ascontiguousarray(y, dtype=np.int32).reshape(-1), out, numba.get_num_threads())
         return out.reshape(y.shape), self._final_state(ws)
 
     def _last_scores(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
@@ -176,7 +176,7 @@ class BaseModel:
         M = T * N
         parts = numba.get_num_threads()
         ws = self._forward(x, state, rng)
-        targets = np.ascontiguousarray(y).reshape(M)
+        targets = np.ascontiguousarray(y, dtype=np.int32).reshape(M)  # int32 ids, whatever the caller passes: one signature per kernel
         for g in grads.values():
             g.fill(0)
         total = self.head.loss_and_backward(self.params, ws.top, targets, 1.0 / M, self._dtop(ws), grads, parts)

@@ -168,7 +168,7 @@ class EsnModel(BaseModel):
         T, N = x.shape
         p, H = self.params, self.cfg.hidden
         ws = self._workspace(T, N)
-        ids = np.ascontiguousarray(x).reshape(T * N)
+        ids = np.ascontiguousarray(x, dtype=np.int32).reshape(T * N)
         u = ws.u.reshape(T * N, H)
         layers.embedding_forward(u, ids, p["reservoir.input_weight"])
         u += p["reservoir.bias"]

@@ -184,7 +184,7 @@ def _last_step_gradient(model: Model, top: np.ndarray, y: np.ndarray):
     """From the last step's output-head input top (N, H) and targets y (N,): the loss of each
     window (N,) and dL_T/dh^(L-1)_T (N, H), through the model's output head (any head)."""
     N = len(y)
-    targets = np.ascontiguousarray(y)
+    targets = np.ascontiguousarray(y, dtype=np.int32)  # the ids type of every other path: no extra signature
     loss = np.empty(N)
     model.head.gather(model.params, top, targets, loss)
     dtop = np.empty_like(top)

@@ -182,7 +182,7 @@ class Model(BaseModel):
         T, N = x.shape
         cfg, p = self.cfg, self.params
         ws = self._workspace(T, N)
-        ids = np.ascontiguousarray(x).reshape(T * N)
+        ids = np.ascontiguousarray(x, dtype=np.int32).reshape(T * N)  # one id type for the kernels
         layers.embedding_forward(ws.emb.reshape(T * N, cfg.embed), ids, p["embedding.weight"])
         rates = [cfg.dropout_in] + [cfg.dropout] * (cfg.layers - 1)
         for k in range(cfg.layers):
@@ -258,7 +258,7 @@ class Model(BaseModel):
             if k > 0:
                 ws.dhs[k - 1] += dx
         layers.embedding_backward(grads["embedding.weight"], ws.dx[0].reshape(M, cfg.embed),
-                                  np.ascontiguousarray(x).reshape(M))
+                                  np.ascontiguousarray(x, dtype=np.int32).reshape(M))
 
     # --------------------------------------------------------------- sampling
     def sampler(self) -> SampleStep:

@@ -66,8 +66,9 @@ def evaluate(model, ids: np.ndarray, seq_len: int, streams: int) -> float:
 
 
 def _warm_up(model, batches: Batches, with_sampler: bool, vocab: Vocab) -> None:
-    """Call every kernel training uses once on a tiny window so Numba compiles
-    (or loads from its cache) before the clock starts."""
+    """Call every kernel a training step uses once on a tiny window so Numba compiles
+    (or loads from its cache) before the clock starts; the sampler too when with_sampler
+    (else it is compiled in the background: _Trainer._start)."""
     x, y = batches.window(0)
     x, y = np.ascontiguousarray(x[:2, :1]), np.ascontiguousarray(y[:2, :1])
     grads = model.zero_grads()
@@ -199,6 +200,7 @@ class _Trainer:
         self.patience_out = False  # --patience evaluations in a row did not improve: stop
         self.started = 0.0
         self.snapshot: dict = {}
+        self.sampler_job = None  # the child compiling the sampler (charlm.lm.precompile), until joined
 
     @classmethod
     def begin(cls, s: Start, **loop_options):
@@ -224,20 +226,30 @@ class _Trainer:
     def loop(self) -> Iterator[dict]:
         """Compile, announce the start, step until the budget, the deadline or should_stop; evaluate and
         save at the end unless the last step just did."""
-        yield from self._start()
-        while not self._over():
-            yield from self._step()
-        if not all(np.isfinite(p).all() for p in self.model.trainable.values()):
-            yield from self._guard()  # the last update overflowed the weights: back to the last good ones
-        run = self.run
-        if run.step == self.first_step or not run.history or run.history[-1]["step"] != run.step:
-            yield from self._evaluate()
-        yield self._done()
+        try:
+            yield from self._start()
+            while not self._over():
+                yield from self._step()
+            if not all(np.isfinite(p).all() for p in self.model.trainable.values()):
+                yield from self._guard()  # the last update overflowed the weights: back to the last good ones
+            run = self.run
+            if run.step == self.first_step or not run.history or run.history[-1]["step"] != run.step:
+                yield from self._evaluate()
+            yield self._done()
+        finally:
+            if self.sampler_job is not None:  # left before the first sample (an error, Ctrl-C)
+                self.sampler_job.stop()
 
     def _start(self) -> Iterator[dict]:
         t0 = self.clock()
         yield {"event": "compiling"}
-        _warm_up(self.model, self.batches, self.sample_chars > 0, self.s.vocab)
+        # The sampler is first needed at the first evaluation: a child process compiles it meanwhile
+        # (charlm.lm.precompile), on the other core, unless several processes already share the cores
+        sampler_later = self.sample_chars > 0 and dist.size() == 1
+        _warm_up(self.model, self.batches, self.sample_chars > 0 and not sampler_later, self.s.vocab)
+        if sampler_later:
+            from .precompile import sampler_in_background
+            self.sampler_job = sampler_in_background(self.model, self.s.vocab)
         yield {"event": "compiled", "seconds": self.clock() - t0}
         s, n_params = self.s, sum(p.size for p in self.model.trainable.values())
         yield {"event": "start", "run_dir": str(s.run_dir), "n_train": int(len(s.train_ids)),
@@ -353,6 +365,9 @@ class _Trainer:
         sample = ""
         if self.sample_chars > 0 and dist.rank() == 0:
             from .sample import generate
+            if self.sampler_job is not None:  # still compiling the sampler: wait, off the training clock
+                self.started += self.sampler_job.wait()
+                self.sampler_job = None
             sample = "".join(generate(self.model, s.vocab, self.sample_chars, temperature=self.sample_temp,
                                       seed=run.step))
         yield {"event": "eval", "step": run.step, "train_loss": train_loss, "val_loss": val,

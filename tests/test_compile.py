@@ -1,0 +1,122 @@
+"""What a first run compiles (issue 17): one signature per kernel on the float32 path, no slice
+assignments in kernels, the sampler compiled beside training rather than before its first step."""
+import ast
+import math
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+
+import charlm.kernels
+from charlm.config import ModelConfig
+from charlm.data import Vocab
+from charlm.kernels import layers, lstm, sample
+from charlm.lm import precompile
+from charlm.lm.model import Model
+from charlm.lm.sample import generate
+from charlm.runtime import compute_threads
+
+KERNELS = Path(charlm.kernels.__file__).parent
+
+
+def _float32_signatures(dispatcher):
+    return [s for s in dispatcher.signatures if any(str(getattr(a, "dtype", "")) == "float32" for a in s)]
+
+
+def _model(H=32):
+    """A float32 LSTM wide enough (H >= 16) for the kernels that split by hidden units."""
+    vocab = Vocab.from_text("hello, world\n")
+    cfg = ModelConfig(cell="lstm", vocab_size=len(vocab), embed=8, hidden=H, layers=2)
+    return Model.create(cfg, seed=0, dtype=np.float32), vocab
+
+
+def _fresh(dispatcher):
+    """The kernel compiled anew in this process (no cache), so the callees it compiles or loads
+    show up in their .signatures whatever the on-disk cache holds."""
+    return numba.njit(**{**dispatcher.targetoptions, "cache": False})(dispatcher.py_func)
+
+
+def test_the_sampler_compiles_its_step_once(monkeypatch):
+    # the prime's tokens (int32) and the sampled ones (int64), the first state index (the literal 0)
+    # and the later ones: each difference was one more compilation of _stack_step (~2.7 s each)
+    import charlm.lm.model
+    monkeypatch.setattr(charlm.lm.model, "stack_sample", _fresh(sample.stack_sample))
+    model, vocab = _model()
+    with compute_threads(2):
+        "".join(generate(model, vocab, 5, prime="hello", seed=0))
+    assert len(_float32_signatures(sample._stack_step)) == 1
+
+
+def test_the_parallel_parts_compile_once(rng):
+    # a prange index is unsigned inside Numba's parallel body and signed outside it: passed as is,
+    # every part function compiled twice
+    T, N, H, V = 3, 2, 32, 5
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    hs, cs, acts, Whh = f(T + 1, N, H), f(T + 1, N, H), f(T, N, 4 * H), f(4 * H, H)
+    with compute_threads(2):
+        _fresh(lstm._lstm_recur_by_units)(hs, cs, acts, Whh, f(4 * H), 2)
+        _fresh(lstm._lstm_backrecur_by_units)(f(N, H), f(N, H), f(T, N, 4 * H), f(T, N, H), cs, acts, Whh, 2)
+        _fresh(layers.linear_backward)(f(T * N, H), f(V, H), f(V), f(T * N, V), f(T * N, H), f(V, H), 2)
+    for kernel in (lstm._recur_part, lstm._backrecur_part, layers._linear_backward_part):
+        assert len(_float32_signatures(kernel)) == 1, kernel
+
+
+def _slice_targets(tree):
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, ast.AugAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Subscript) and any(isinstance(n, ast.Slice) for n in ast.walk(t.slice)):
+                yield node.lineno
+
+
+@pytest.mark.parametrize("module", ["layers.py", "lstm.py", "parallel.py", "sample.py"])
+def test_kernels_assign_no_slices(module):
+    # `a[i:j] = b` (or `a[i:j] += b`) in a kernel compiles Numba's shape-mismatch message with its
+    # string formatting: ~1.5 s per array rank on a first run. The pure-Python pack() is exempt.
+    tree = ast.parse((KERNELS / module).read_text())
+    jitted = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+              and any("njit" in ast.unparse(d) for d in f.decorator_list)]
+    lines = [ln for f in jitted for ln in _slice_targets(f)]
+    assert lines == [], f"{module}: slice assignments on lines {lines}"
+
+
+def test_training_compiles_the_sampler_beside_its_first_steps(monkeypatch, tmp_path):
+    from charlm.config import TrainConfig
+    from charlm.lm.train import train
+    calls = []
+
+    class Done:
+        def wait(self):
+            calls.append("wait")
+            return 0.0
+
+        def stop(self):
+            calls.append("stop")
+
+    def fake(model, vocab):
+        calls.append("start")
+        return Done()
+
+    monkeypatch.setattr(precompile, "sampler_in_background", fake)
+    cfg = ModelConfig(cell="lstm", embed=4, hidden=8, layers=1)
+    events = list(train("abcabcabd\n" * 30, cfg, TrainConfig(steps=2, batch=2, seq_len=8), tmp_path / "run",
+                        sample_chars=10))
+    assert calls == ["start", "wait"]  # started before the first step, joined before the first sample
+    assert [e["sample"] for e in events if e["event"] == "eval"][-1]
+
+
+def test_a_failing_background_job_leaves_the_parent_alone():
+    job = precompile.Background(math.sqrt, -1.0)  # raises ValueError in the child
+    assert job.wait() >= 0.0
+    assert job.proc.exitcode not in (0, None)
+
+
+def test_no_child_when_the_cache_holds_the_kernel():
+    # a warm start must not pay a child's start-up to load what the parent loads in milliseconds
+    out, table = np.zeros((2, 3), np.float32), np.ones((4, 3), np.float32)
+    layers.embedding_forward(out, np.array([0, 3], np.int32), table)  # compiled or loaded: now in the cache
+    assert precompile.cached(layers.embedding_forward, np.float32)
+    assert not precompile.cached(layers.embedding_forward, np.float16)
+    assert not precompile.cached(_fresh(layers.embedding_forward), np.float32)  # no cache at all
