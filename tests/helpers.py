@@ -35,6 +35,15 @@ def train_tiny(run_dir, cell: str = "lstm", seed: int = 0, steps: int = 3) -> li
     return list(train(tiny_text(), mcfg, tcfg, run_dir, corpus_name="tiny.txt", sample_chars=0))
 
 
+def train_tiny_words(run_dir) -> list[dict]:
+    """Train a tiny word model (1 x 8 LSTM) on tests/data/words.txt into run_dir; return the events."""
+    import charlm
+    events = list(charlm.train(TINY.parent / "words.txt", out=run_dir, level="word", steps=3, hidden=8, layers=1,
+                               embed=4, seq_len=8, batch=2, eval_every=2, sample_length=0))
+    assert events[-1]["event"] == "done"
+    return events
+
+
 def make_checkpoint(cell: str = "lstm", layers: int = 2, dtype=np.float32, seed: int = 0,
                     text: str = "hello, world\n") -> checkpoint.Checkpoint:
     """A complete checkpoint built by hand (no training): random parameters, Adam moments,

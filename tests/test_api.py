@@ -11,7 +11,7 @@ import pytest
 import charlm
 from charlm.errors import CharlmError
 from charlm.runtime import compute_threads
-from tests.helpers import TINY, failed, ok, tiny_text, train_tiny
+from tests.helpers import TINY, failed, ok, tiny_text, train_tiny, train_tiny_words
 
 README = Path(__file__).parent.parent / "README.md"
 WORDS = TINY.parent / "words.txt"
@@ -28,9 +28,7 @@ def char_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def word_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("api") / "wrun"
-    events = list(charlm.train(WORDS, out=run, level="word", steps=3, hidden=8, layers=1, embed=4, seq_len=8,
-                               batch=2, eval_every=2, sample_length=0))
-    assert events[-1]["event"] == "done"
+    train_tiny_words(run)
     return run
 
 

@@ -16,7 +16,7 @@ import charlm
 from charlm.errors import CharlmError
 from charlm.lm import dynamic
 from charlm.lm.score import evaluate_text as static_evaluate_text
-from tests.helpers import DATA, TINY, env_plain, failed, ok, option_blocks, tiny_text, train_tiny
+from tests.helpers import DATA, TINY, env_plain, failed, ok, option_blocks, tiny_text, train_tiny, train_tiny_words
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = DATA / "words.txt"
@@ -34,9 +34,7 @@ def char_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def word_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("dyn") / "wrun"
-    events = list(charlm.train(WORDS, out=run, level="word", steps=3, hidden=8, layers=1, embed=4, seq_len=8,
-                               batch=2, eval_every=2, sample_length=0))
-    assert events[-1]["event"] == "done"
+    train_tiny_words(run)
     return run
 
 

@@ -127,20 +127,13 @@ def evaluate_text(model: BaseModel, vocab, text: str, *, seq_len: int, lr: float
     """charlm.lm.score.evaluate_text's result ("streams" 1) for dynamic evaluation of text: the same
     tokens (one <eos> per line for words, the newlines for characters), begin context, OOV accounting
     and keys (keep the two alike), the sum coming from dynamic_logprob."""
-    from .score import totals
-    ids, oov = vocab.encode(text)
-    ids = ids.astype(np.int32)
-    n = len(ids)
-    full = np.concatenate([[vocab.eos_id], ids]).astype(np.int32)  # inputs full[t], target full[t+1]
-    is_oov = np.zeros(n, dtype=bool)
-    if vocab.level == "word":
-        for pos, _ in oov:
-            is_oov[pos] = True
+    from .score import eval_ids, totals
+    n, full, is_oov, oov = eval_ids(vocab, text)
     r = dynamic_logprob(model, full, seq_len, lr, clip=clip, decay=decay, is_oov=is_oov, progress=progress)
     return {
         **totals(r.logprob, n, r.oov_logprob, int(is_oov.sum())),
         "oov": len(oov),
         "streams": 1,
-        "in_vocab": int((ids != vocab.eos_id).sum()) - int(is_oov.sum()),
+        "in_vocab": int((full[1:] != vocab.eos_id).sum()) - int(is_oov.sum()),
         "oov_tokens": sorted({t for _, t in oov[:100_000]})[:6],
     }

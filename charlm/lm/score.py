@@ -182,14 +182,7 @@ def evaluate_text(model: BaseModel, vocab: Vocab, text: str, *, streams: int = 1
     """
     if window is None:
         window = max(32, min(256, 8192 // max(1, streams)))
-    ids, oov = vocab.encode(text)
-    ids = ids.astype(np.int32)
-    n = len(ids)
-    full = np.concatenate([[vocab.eos_id], ids]).astype(np.int32)  # inputs full[t], target full[t+1]
-    is_oov = np.zeros(n, dtype=bool)
-    if vocab.level == "word":
-        for pos, _ in oov:
-            is_oov[pos] = True
+    n, full, is_oov, oov = eval_ids(vocab, text)
     K = max(1, min(streams, n))
     L = -(-n // K) if n else 0  # ceil: the last part may be shorter, padded with skipped targets
     total = 0.0
@@ -222,12 +215,27 @@ def evaluate_text(model: BaseModel, vocab: Vocab, text: str, *, streams: int = 1
         **totals(total, n, oov_lp, int(is_oov.sum())),
         "oov": len(oov),
         "streams": K,
-        "in_vocab": int((ids != vocab.eos_id).sum()) - int(is_oov.sum()),  # the text's tokens scored as themselves
+        "in_vocab": int((full[1:] != vocab.eos_id).sum()) - int(is_oov.sum()),  # the text's tokens scored as themselves
         "oov_tokens": sorted({t for _, t in oov[:100_000]})[:6],
     }
 
 
 # ------------------------------------------------------------------ many texts, totals only
+def eval_ids(vocab: Vocab, text: str) -> tuple[int, np.ndarray, np.ndarray, list]:
+    """What evaluating text scores: n tokens (one <eos> per line for words, the newlines for characters),
+    full (n+1,) int32 the inputs full[t] and targets full[t+1] after the begin context, is_oov (n,) the
+    words fed as <unk>, and the vocabulary's OOV report. Static and dynamic evaluation share it."""
+    ids, oov = vocab.encode(text)
+    ids = ids.astype(np.int32)
+    n = len(ids)
+    full = np.concatenate([[vocab.eos_id], ids]).astype(np.int32)  # inputs full[t], target full[t+1]
+    is_oov = np.zeros(n, dtype=bool)
+    if vocab.level == "word":
+        for pos, _ in oov:
+            is_oov[pos] = True
+    return n, full, is_oov, oov
+
+
 def _char_ids(vocab: Vocab, text: str) -> tuple[np.ndarray, int, list[str]]:
     """A character text's ids (int32) with the characters outside the vocabulary left out, their
     count and the distinct ones, sorted: vectorised, without a Python object per character (a
