@@ -79,3 +79,24 @@ def sampler_in_background(model, vocab) -> Background | None:
         return None
     import numba
     return Background(compile_sampler, model.cfg, vocab, model.dtype.str, numba.get_num_threads())
+
+
+def warm_up(model, batches, with_sampler: bool, vocab) -> None:
+    """Call every kernel a training step uses once on a tiny window so Numba compiles
+    (or loads from its cache) before the clock starts; the sampler too when with_sampler
+    (else it is compiled in the background: charlm.lm.train._Trainer._start)."""
+    import numpy as np
+
+    from ..optim import grad_norm, make_optimizer
+    x, y = batches.window(0)
+    x, y = np.ascontiguousarray(x[:2, :1]), np.ascontiguousarray(y[:2, :1])
+    grads = model.zero_grads()
+    rng = np.random.default_rng(0)
+    model.loss_and_grads(x, y, model.zero_state(1), grads, rng)
+    model.loss(x, y, model.zero_state(1))
+    opt = make_optimizer("adam", {k: v.copy() for k, v in model.trainable.items()})
+    opt.step({k: v.copy() for k, v in model.trainable.items()}, grads, 1e-3, 1.0)
+    grad_norm(grads)
+    if with_sampler:
+        from .sample import generate
+        "".join(generate(model, vocab, 2, seed=0))

@@ -35,13 +35,14 @@ from .info import done_validation
 from . import shard
 from .. import dist
 from ..config import ModelConfig, TrainConfig
-from ..data import Batches, Vocab, eval_windows
+from ..data import Batches, eval_windows
 from ..errors import CharlmError
 from ..optim import clip_scale, grad_norm, make_optimizer
 from .base import BaseModel
 from .models import build_model, create_model
 from .schedule import Schedule, scheduled_lr
 from .score import safe_exp
+from .precompile import warm_up
 from .start import Source, Start, build_vocab, new_run, resumed
 
 __all__ = ["train", "evaluate", "Source", "build_vocab", "LN2", "MAX_NONFINITE", "MAX_HALVINGS", "SNAPSHOT_EVERY"]
@@ -63,24 +64,6 @@ def evaluate(model, ids: np.ndarray, seq_len: int, streams: int) -> float:
         total += loss * y.size
         count += int((y >= 0).sum())
     return total / count if count else float("nan")
-
-
-def _warm_up(model, batches: Batches, with_sampler: bool, vocab: Vocab) -> None:
-    """Call every kernel a training step uses once on a tiny window so Numba compiles
-    (or loads from its cache) before the clock starts; the sampler too when with_sampler
-    (else it is compiled in the background: _Trainer._start)."""
-    x, y = batches.window(0)
-    x, y = np.ascontiguousarray(x[:2, :1]), np.ascontiguousarray(y[:2, :1])
-    grads = model.zero_grads()
-    rng = np.random.default_rng(0)
-    model.loss_and_grads(x, y, model.zero_state(1), grads, rng)
-    model.loss(x, y, model.zero_state(1))
-    opt = make_optimizer("adam", {k: v.copy() for k, v in model.trainable.items()})
-    opt.step({k: v.copy() for k, v in model.trainable.items()}, grads, 1e-3, 1.0)
-    grad_norm(grads)
-    if with_sampler:
-        from .sample import generate
-        "".join(generate(model, vocab, 2, seed=0))
 
 
 @dataclass
@@ -246,7 +229,7 @@ class _Trainer:
         # The sampler is first needed at the first evaluation: a child process compiles it meanwhile
         # (charlm.lm.precompile), on the other core, unless several processes already share the cores
         sampler_later = self.sample_chars > 0 and dist.size() == 1
-        _warm_up(self.model, self.batches, self.sample_chars > 0 and not sampler_later, self.s.vocab)
+        warm_up(self.model, self.batches, self.sample_chars > 0 and not sampler_later, self.s.vocab)
         if sampler_later:
             from .precompile import sampler_in_background
             self.sampler_job = sampler_in_background(self.model, self.s.vocab)
