@@ -27,6 +27,7 @@ import numpy as np
 from charlm.config import ModelConfig
 from charlm.lm.models import create_model
 from charlm.optim import Adam, clip_scale, grad_norm
+from charlm.runtime import compute_threads
 
 
 def zipf_ids(V: int, n: int, seed: int, s: float = 1.1) -> np.ndarray:
@@ -47,7 +48,14 @@ def windows(ids: np.ndarray, T: int, N: int, steps: int):
 
 
 def ours(cfg: ModelConfig, data, steps: int, clip: float, evaluate: bool) -> float:
-    """Tokens/s of charlm's training step (or exact evaluation) over the windows after one warm-up."""
+    """Tokens/s of charlm's training step (or exact evaluation) over the windows after one warm-up, on
+    every core as the command line runs (compute_threads: Numba splits the work, BLAS single-threaded;
+    without it each Numba thread's BLAS call would start threads of its own)."""
+    with compute_threads(None):
+        return _ours(cfg, data, steps, clip, evaluate)
+
+
+def _ours(cfg: ModelConfig, data, steps: int, clip: float, evaluate: bool) -> float:
     model = create_model(cfg, seed=0)
     opt = Adam(model.trainable)
     grads = model.zero_grads()
