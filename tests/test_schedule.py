@@ -317,8 +317,8 @@ def test_model_flags_on_the_command_line(run_cli):
 def test_help_states_each_default(run_cli):
     from tests.helpers import option_blocks
     blocks = option_blocks(ok(run_cli("train", "--help")).stdout)
-    for flag, default in [("--lr-schedule", "constant"), ("--lr-decay", "4.0"), ("--warmup", "0"), ("--patience", "0"),
-                          ("--min-lr", "0.0"), ("--dropout-in", "0.0"), ("--dropout-out", "0.0"),
+    for flag, default in [("--lr-schedule", "plateau"), ("--lr-decay", "4.0"), ("--warmup", "0"), ("--patience", "0"),
+                          ("--min-lr", "0.0"), ("--dropout-in", "0.0"), ("--dropout-out", "0.2"), ("--dropout", "0.2"),
                           ("--variational", "no-variational"), ("--tie", "no-tie"), ("--softmax", "full"),
                           ("--div-value", "4.0")]:
         assert f"[default: {default}]" in blocks[flag], (flag, blocks.get(flag))

@@ -26,8 +26,8 @@ from ..errors import CharlmError
 # The options of `charlm train`, by their Python names, with the defaults the command line shows.
 DEFAULTS: dict[str, Any] = dict(
     cell="lstm", hidden=256, layers=2, embed=64, seq_len=64, batch=32, lr=2e-3, optimizer="adam", clip=5.0,
-    dropout=0.0, dropout_in=0.0, dropout_out=0.0, variational=False, tie=False, softmax="full", cutoffs=None,
-    div_value=4.0, lr_schedule="constant", lr_decay=4.0, warmup=0, patience=0, min_lr=0.0,
+    dropout=0.2, dropout_in=0.0, dropout_out=0.2, variational=False, tie=False, softmax="full", cutoffs=None,
+    div_value=4.0, lr_schedule="plateau", lr_decay=4.0, warmup=0, patience=0, min_lr=0.0,
     units=1000, leak=1.0, sr=0.9, connectivity=0.0, input_scaling=1.0, bias_scaling=0.0,
     steps=None, epochs=None, minutes=None, val_frac=0.05, eval_every=500, seed=0, out=None, encoding="utf-8",
     errors="strict", sample_length=200, level="char", lower=False, min_count=1, max_vocab=50_000, val=None,
