@@ -211,6 +211,7 @@ def abort(message: str, code: int = 1) -> None:
     sys.__stderr__.flush()
     c = _world()
     if c is not None and c.Get_size() > 1:
+        time.sleep(0.3)  # let the launcher forward that line first: MPI_Abort tears the job down at once
         c.Abort(code)
     raise SystemExit(code)
 
