@@ -25,7 +25,7 @@ from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import CharlmError
 from charlm.lm import checkpoint, run
 from charlm.lm import train as train_mod
-from charlm.lm.schedule import scheduled_lr
+from charlm.lm.schedule import Schedule, scheduled_lr
 from charlm.runtime import compute_threads
 from tests.helpers import DATA, TINY, env_plain, failed, ok, rewrite_with_meta, tiny_text
 
@@ -83,15 +83,53 @@ def test_bad_schedule_options_are_refused(options, needle):
     refused(needle, steps=5, out="x", **options)
 
 
-def test_cosine_needs_a_step_budget(tmp_path):
-    refused("--lr-schedule cosine anneals over the run's step budget: give --steps or --epochs", lr_schedule="cosine",
-            minutes=1.0, out="x")
-    refused("give --steps or --epochs", lr_schedule="cosine", out="x")  # the default budget is 3 minutes
+def test_cosine_needs_a_budget_and_a_minutes_budget_is_enough(tmp_path):
+    assert run.plan(TINY, lr_schedule="cosine", minutes=1.0, out="x").train.minutes == 1.0
+    assert run.plan(TINY, lr_schedule="cosine", out="x").train.minutes == run.DEFAULT_MINUTES  # the default budget
     assert run.plan(TINY, lr_schedule="cosine", epochs=2.0, minutes=1.0, out="x").train.epochs == 2.0
-    with pytest.raises(CharlmError, match="give --steps or --epochs"):  # the loop refuses it too
-        list(train_mod.train(tiny_text(), GRU, TrainConfig(seq_len=8, batch=2, minutes=0.01, lr_schedule="cosine"),
-                             tmp_path / "run", sample_chars=0))
+    with compute_threads(1), pytest.raises(CharlmError, match="give --steps, --epochs or --minutes"):
+        list(train_mod.train(tiny_text(), GRU, TrainConfig(seq_len=8, batch=2, minutes=0.0, lr_schedule="cosine"),
+                             tmp_path / "run", sample_chars=0, should_stop=lambda: True))
     assert not (tmp_path / "run" / "latest.npz").exists()
+
+
+class _Clock:
+    """A clock that advances `tick` seconds each time it is read: the trainer's time, made exact."""
+
+    def __init__(self, tick: float):
+        self.t, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.t += self.tick
+        return self.t
+
+
+def test_timed_schedule_estimates_its_horizon_after_a_tenth_of_the_budget():
+    s = Schedule(timed=True)
+    assert s.horizon_of_time(step=40, steps_done=40, elapsed=5.9, deadline=60.0) == 0  # under 10 %
+    assert s.horizon_of_time(step=40, steps_done=40, elapsed=6.0, deadline=60.0) == 40 + 360  # 54 s at 40 / 6 s
+    assert s.horizon_of_time(step=140, steps_done=40, elapsed=10.0, deadline=60.0) == 140 + 200  # a resumed session
+    assert Schedule().horizon_of_time(step=40, steps_done=40, elapsed=30.0, deadline=60.0) == 0  # not timed
+
+
+def test_cosine_over_minutes_fixes_its_horizon_from_the_speed_and_anneals_to_zero(tmp_path):
+    """A fake clock makes the speed exact: the horizon lands where the deadline would, the rate is the
+    base rate until then and anneals to 0 by the end; the checkpoint keeps the horizon for resume."""
+    cfg = TrainConfig(seq_len=8, batch=2, minutes=0.5, eval_every=5, lr=0.01, lr_schedule="cosine")
+    with compute_threads(1):
+        events = list(train_mod.train(tiny_text(), GRU, cfg, tmp_path / "run", sample_chars=0, clock=_Clock(0.05)))
+    notes = [e["message"] for e in events if e["event"] == "note"]
+    assert any("anneals over the steps the budget is estimated to hold" in n for n in notes), notes
+    fixed = [n for n in notes if n.startswith("cosine schedule: the 0.5-minute budget is estimated at")]
+    assert len(fixed) == 1, notes
+    steps = [e for e in events if e["event"] == "step"]
+    ck = checkpoint.load(tmp_path / "run" / "latest.npz")
+    horizon = ck.counters["cosine_steps"]
+    first_eval_after = next(e["step"] for e in events if e["event"] == "eval" and e["step"] >= horizon * 0.1 - 5)
+    assert all(e["lr"] == 0.01 for e in steps[:first_eval_after])  # before the estimate: the base rate
+    assert steps[-1]["lr"] < 0.001
+    assert abs(steps[-1]["step"] - horizon) <= 0.1 * horizon  # the budget ran out about when the rate reached 0
+    assert all(a["lr"] >= b["lr"] for a, b in zip(steps, steps[1:]))
 
 
 # ------------------------------------------------------------------ resume is exact
@@ -310,8 +348,7 @@ def test_model_flags_on_the_command_line(run_cli):
     assert (m.tie, m.dropout_in, m.variational) == (True, 0.25, True)
     failed(run_cli(*args, "--softmax", "adaptive", "--out", "s"), "--softmax adaptive is for large word vocabularies")
     failed(run_cli(*args, "--tie", "--out", "t"), "needs --embed equal to --hidden")
-    failed(run_cli(*base, "--lr-schedule", "cosine", "--minutes", "1", "--out", "u"), "give --steps or --epochs")
-    assert not any(Path(d).exists() for d in "stu")
+    assert not any(Path(d).exists() for d in "st")
 
 
 def test_help_states_each_default(run_cli):

@@ -57,8 +57,8 @@ DivValue = Annotated[float, typer.Option("--div-value", help="--softmax adaptive
 LrSchedule = Annotated[str, typer.Option("--lr-schedule", help="constant; plateau (divide the rate by --lr-decay "
                                          "after each evaluation whose validation loss is not the best yet); or "
                                          "cosine (anneal to --min-lr as 0.5 (1 + cos(pi step/budget)) over the "
-                                         "run's --steps or --epochs, which it needs: a --minutes budget alone is "
-                                         "refused, as the rates would depend on the machine's speed).",
+                                         "run's --steps or --epochs; with a time budget alone, over the steps it "
+                                         "is estimated to hold from the speed over its first tenth).",
                                          rich_help_panel=_SCHEDULE)]
 LrDecay = Annotated[float, typer.Option("--lr-decay", help="--lr-schedule plateau: the divisor.",
                                         rich_help_panel=_SCHEDULE)]

@@ -146,7 +146,7 @@ def plan(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None, 
                        lower=o["lower"], min_count=o["min_count"], max_vocab=o["max_vocab"],
                        lr_schedule=o["lr_schedule"], lr_decay=o["lr_decay"], warmup=o["warmup"],
                        patience=o["patience"], min_lr=o["min_lr"])
-    if resume_ck is None and tcfg.lr_schedule == "cosine" and not (tcfg.steps or tcfg.epochs):
+    if resume_ck is None and tcfg.lr_schedule == "cosine" and not (tcfg.steps or tcfg.epochs or tcfg.minutes):
         from .schedule import COSINE_NEEDS_STEPS
         raise CharlmError(COSINE_NEEDS_STEPS)  # (before a folder is made; the loop would refuse it too)
     if resume_ck is not None:

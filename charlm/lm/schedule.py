@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from ..config import TrainConfig
 from ..errors import CharlmError
 
-COSINE_NEEDS_STEPS = ("--lr-schedule cosine anneals over the run's step budget: give --steps or --epochs "
-                      "(a --minutes budget alone would tie the rates to the machine's speed)")
+COSINE_NEEDS_STEPS = "--lr-schedule cosine anneals over the run's budget: give --steps, --epochs or --minutes"
+CALIBRATE_AFTER = 0.1  # a --minutes cosine schedule fixes its last step once this share of the budget has passed
 
 
 def scheduled_lr(cfg: TrainConfig, base: float, step: int, horizon: int = 0) -> float:
@@ -40,10 +40,14 @@ def scheduled_lr(cfg: TrainConfig, base: float, step: int, horizon: int = 0) -> 
 @dataclass
 class Schedule:
     """What the schedule keeps besides the base rate: scheduled evaluations in a row without improving on
-    the best of them (best), and the last step of the cosine schedule (0: not cosine)."""
+    the best of them (best), and the last step of the cosine schedule (0: not cosine, or not fixed yet).
+
+    timed: a cosine schedule over a --minutes budget whose last step is still to be estimated (see
+    horizon_of_time); until then the rate is the base rate (the cosine factor at step 0)."""
     evals_since_best: int = 0
     best: float | None = None
     horizon: int = 0
+    timed: bool = False
 
     @classmethod
     def of_counters(cls, counters: dict, best_val_loss: float | None) -> "Schedule":
@@ -63,10 +67,13 @@ class Schedule:
             c["cosine_steps"] = self.horizon
         return c
 
-    def begin(self, cfg: TrainConfig, base: float, step: int, total_steps: int, has_val: bool) -> list[str]:
+    def begin(self, cfg: TrainConfig, base: float, step: int, total_steps: int, has_val: bool,
+              deadline: float = 0.0) -> list[str]:
         """Fix the cosine schedule's last step for a session starting at `step` with the budget ending at
-        total_steps (0: no step budget): a resume keeps the run's, unless its budget goes further. Notes
-        on what the schedule cannot do here; CharlmError if cosine has no step to anneal over."""
+        total_steps (0: no step budget): a resume keeps the run's, unless its budget goes further. With
+        only a time budget (deadline seconds) and no last step yet, the schedule is `timed`: the trainer
+        estimates the last step once CALIBRATE_AFTER of the budget has passed (horizon_of_time). Notes
+        on what the schedule cannot do here; CharlmError if cosine has nothing to anneal over."""
         notes = []
         if not has_val and (cfg.lr_schedule == "plateau" or cfg.patience):
             notes.append("there is no validation set: --lr-schedule plateau and --patience have nothing to watch "
@@ -74,6 +81,12 @@ class Schedule:
         if cfg.lr_schedule != "cosine":
             return notes
         end = max(self.horizon, total_steps)
+        if not end and deadline > 0:
+            self.timed = True
+            notes.append(f"--lr-schedule cosine over a {deadline / 60:g}-minute budget: the rate anneals over the "
+                         f"steps the budget is estimated to hold, from the speed measured over its first "
+                         f"{CALIBRATE_AFTER:.0%} (fixed then, and kept by the checkpoint)")
+            return notes
         if not end:
             raise CharlmError(COSINE_NEEDS_STEPS)
         if step >= end and not cfg.min_lr:
@@ -84,6 +97,14 @@ class Schedule:
                          f"learning rate goes back up to {scheduled_lr(cfg, base, step, end):.3g}")
         self.horizon = end
         return notes
+
+    def horizon_of_time(self, step: int, steps_done: int, elapsed: float, deadline: float) -> int:
+        """The last step of a timed cosine schedule, estimated at `step` after steps_done steps in
+        elapsed seconds of a deadline-second budget (evaluations and saves included, at the share they
+        will keep): 0 while less than CALIBRATE_AFTER of the budget has passed."""
+        if not self.timed or steps_done <= 0 or elapsed < CALIBRATE_AFTER * deadline:
+            return 0
+        return step + max(1, int((deadline - elapsed) * steps_done / elapsed))
 
     def evaluated(self, cfg: TrainConfig, base: float, val: float) -> tuple[float, bool]:
         """After a scheduled evaluation with validation loss val (NaN/inf: no improvement): (the base rate,

@@ -202,7 +202,8 @@ class _Trainer:
         else:
             run = _Run(lr=s.train_cfg.lr)
         trainer = cls(s, batches, model, opt, rng, run, state, **loop_options)
-        for message in run.sched.begin(s.train_cfg, run.lr, run.step, trainer.total_steps, len(s.val_ids) >= 2):
+        for message in run.sched.begin(s.train_cfg, run.lr, run.step, trainer.total_steps, len(s.val_ids) >= 2,
+                                       trainer.deadline):
             yield {"event": "note", "message": message}
         return trainer
 
@@ -301,6 +302,7 @@ class _Trainer:
                "tokens_per_s": self._rate(), "epoch": run.epoch + run.window / self.wpe,
                "elapsed_s": self.clock() - self.started, "lr": lr}
         if run.step % cfg.eval_every == 0:
+            yield from self._calibrate()
             yield from self._evaluate()
         elif self.checkpoint_every and run.step % self.checkpoint_every == 0:
             yield from self._save(self.latest_path)
@@ -362,6 +364,23 @@ class _Trainer:
         need_best = improved or not (self.best_path.exists() or math.isfinite(val))
         if dist.bcast(need_best) if self.sync else need_best:  # rank 0's files decide
             yield from self._save(self.best_path)
+
+    def _calibrate(self) -> Iterator[dict]:
+        """A cosine schedule over a --minutes budget: fix its last step from the speed so far, at a
+        scheduled evaluation once a tenth of the budget has passed (charlm.lm.schedule). Every rank
+        takes rank 0's estimate (scheduled evaluations come at the same steps on all of them)."""
+        sched = self.run.sched
+        if not sched.timed:
+            return
+        horizon = sched.horizon_of_time(self.run.step, self.run.step - self.first_step,
+                                        self.clock() - self.started, self.deadline)
+        if self.sync is not None:
+            horizon = dist.bcast(horizon)
+        if horizon:
+            sched.horizon, sched.timed = horizon, False
+            yield {"event": "note", "message": f"cosine schedule: the {self.cfg.minutes:g}-minute budget is "
+                                               f"estimated at {horizon - self.first_step:,} steps; the rate anneals "
+                                               f"to {self.cfg.min_lr:g} by step {horizon:,}"}
 
     def _lr(self, step: int) -> float:
         return scheduled_lr(self.cfg, self.run.lr, step, self.run.sched.horizon)
