@@ -22,7 +22,11 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-from contextlib import contextmanager
+import time
+from collections import deque
+import contextlib
+from contextlib import contextmanager, nullcontext
+from typing import Callable
 
 _NAME = "scipy.linalg.cython_blas"
 
@@ -61,24 +65,200 @@ def _load_from_file() -> None:
 
 @contextmanager
 def compute_threads(n: int | None = None):
-    """Run the kernels on n threads (default: every core; under MPI the node's cores shared among
-    the node's ranks). Numba splits the work
+    """Run the kernels split into n parts (default: every core; under MPI the node's cores shared among
+    the node's ranks), on up to n threads. Numba splits the work
     (LSTM time loops by hidden units, GRU/RNN ones by batch rows, whole-window
     products by time or rows) and every BLAS call stays single-threaded: a BLAS
     thread waiting for a core that is busy elsewhere would otherwise stall every
-    time step."""
+    time step. How many threads run the parts is the Governor's choice, call by call
+    (see there): the numbers never depend on it, only on n."""
+    global _GOVERNOR
     import numba
     from threadpoolctl import threadpool_limits
     from .dist import default_threads
     load_blas()  # load the BLAS Numba calls now, so that the limit reaches it
     n = n or default_threads(numba.config.NUMBA_NUM_THREADS)  # under MPI: the node's cores / its ranks
-    old = numba.get_num_threads()
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    old, outer = numba.get_num_threads(), _GOVERNOR
+    numba.set_num_threads(n)
+    _GOVERNOR = Governor(n, adaptive=os.environ.get("CHARLM_ADAPTIVE_THREADS", "1") != "0")
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             yield
     finally:
+        _GOVERNOR = outer
         numba.set_num_threads(old)
+
+
+def parts() -> int:
+    """How many parts the kernels split their work into: compute_threads' n (fixed for the whole
+    context, whatever number of threads the Governor runs them on, so results do not depend on the
+    load); outside compute_threads, Numba's thread count."""
+    if _GOVERNOR is not None:
+        return _GOVERNOR.parts
+    import numba
+    return numba.get_num_threads()
+
+
+def governed(units: float, kind) -> "contextlib.AbstractContextManager":
+    """A context around one piece of kernel work of `units` units (tokens) of a kind (a hashable
+    label: pieces of one kind cost about the same per unit, e.g. ("train", streams)): the active
+    Governor picks its thread count and times it. Does nothing outside compute_threads."""
+    return _GOVERNOR.run(units, kind) if _GOVERNOR is not None else nullcontext()
+
+
+def governor() -> "Governor | None":
+    return _GOVERNOR
+
+
+class ThreadChoice:
+    """The number of threads that run one kind of the kernels' work: all of them, or one.
+
+    Every parallel region ends at a barrier, and a barrier waits for its slowest thread: when another
+    process holds a core, a thread that has to share it arrives late at each of them (a batch-1 token
+    or a short window has thousands a second), and two threads run slower than one would. Nothing
+    tells a process that a core is busy (the load average lags by a minute and does not say whose
+    load it is), so the governor measures: it times each piece of work per unit (a training step, a
+    token sampled, a token scored), keeps the recent times of the thread count in use, and now and
+    then runs a few pieces on the other count (a probe). The faster count, by the medians of the
+    times, is kept; a probe that loses doubles the time to the next (from 2 s, or 8 s after a switch, up to
+    60 s), so the loser costs little; a piece much slower than the recent ones (a core just got busy) brings the next
+    probe forward. Parts stay fixed (compute_threads' n): with one thread, the one thread runs every
+    part in turn, so the numbers are the same bit for bit and only the speed changes.
+
+    adaptive=False (CHARLM_ADAPTIVE_THREADS=0): always every thread, as before; for benchmarks that
+    measure the stall itself. Kinds of work differ in cost per unit and in the count that suits them
+    (a batch-1 token against a training step): the Governor keeps one ThreadChoice per kind."""
+
+    KEEP = 5            # recent times per thread count
+    PROBE = 2           # pieces per probe
+    FIRST_PROBE = 2.0   # seconds of work before the first probe
+    AFTER_SWITCH = 8.0  # and after a switch (the count just left lost: not again at once)
+    MAX_INTERVAL = 60.0
+    SLOWER = 1.5        # a piece this much slower than the median brings the probe forward
+    BETTER = 0.95       # a probe wins when its median is below this share of the kept one
+
+    def __init__(self, n: int, adaptive: bool = True, clock: Callable[[], float] = time.perf_counter,
+                 set_threads: Callable[[int], None] | None = None):
+        self.parts = max(1, int(n))
+        self.adaptive = adaptive and self.parts > 1
+        self.clock = clock
+        self._set = set_threads or _set_numba_threads
+        self.current = self.parts                 # the kept thread count
+        self.times = {self.parts: deque(maxlen=self.KEEP), 1: deque(maxlen=self.KEEP)}
+        self.probing = 0                          # pieces left in a running probe
+        self.interval = self.FIRST_PROBE
+        self.next_probe = None                    # clock time of the next probe (set by the first piece)
+        self.depth = 0
+        self.switches = 0
+        self.pieces = 0
+
+    def other(self) -> int:
+        return 1 if self.current != 1 else self.parts
+
+    def threads(self) -> int:
+        """The thread count the next piece runs on."""
+        return self.other() if self.probing else self.current
+
+    @contextmanager
+    def run(self, units: float = 1.0):
+        if not self.adaptive or self.depth:  # nested pieces are part of the outer one
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+            return
+        n = self.threads()
+        self._set(n)
+        self.depth += 1
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            self.record(n, (self.clock() - t0) / max(units, 1e-9), t0)
+
+    def record(self, n: int, per_unit: float, now: float) -> None:
+        """A piece ran on n threads at per_unit seconds a unit (started at clock time now)."""
+        self.pieces += 1
+        if self.pieces == 1:  # the first piece compiles or fills caches: not a speed
+            self.next_probe = now + self.interval
+            return
+        kept = self.times[self.current]
+        if self.probing:
+            self.times[n].append(per_unit)
+            self.probing -= 1
+            if not self.probing:
+                self._decide(now)
+            return
+        if len(kept) >= 3 and per_unit > self.SLOWER * _median(kept) and self.next_probe > now:
+            self.next_probe = now  # a core may just have got busy (or free): look now
+        kept.append(per_unit)
+        if len(kept) >= 3 and now >= self.next_probe:
+            self.times[self.other()].clear()  # the other count's old times say nothing of now
+            self.probing = self.PROBE
+
+    def _decide(self, now: float) -> None:
+        kept, probe = self.times[self.current], self.times[self.other()]
+        if _median(probe) < self.BETTER * _median(kept):
+            self.current = self.other()
+            self.switches += 1
+            kept.clear()
+            for t in probe:
+                kept.append(t)
+            self.interval = self.AFTER_SWITCH
+        else:
+            self.interval = min(2 * self.interval, self.MAX_INTERVAL)
+        self.next_probe = now + self.interval
+
+
+class Governor:
+    """compute_threads' choices: the parts (fixed), and one ThreadChoice per kind of work."""
+
+    def __init__(self, n: int, adaptive: bool = True, clock: Callable[[], float] = time.perf_counter,
+                 set_threads: Callable[[int], None] | None = None):
+        self.parts = max(1, int(n))
+        self.adaptive = adaptive and self.parts > 1
+        self.clock, self.set_threads = clock, set_threads
+        self.kinds: dict = {}
+        self.depth = 0
+
+    def choice(self, kind) -> ThreadChoice:
+        c = self.kinds.get(kind)
+        if c is None:
+            c = self.kinds[kind] = ThreadChoice(self.parts, self.adaptive, self.clock, self.set_threads)
+        return c
+
+    @contextmanager
+    def run(self, units: float, kind):
+        if not self.adaptive or self.depth:  # nested pieces are part of the outer one
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+            return
+        self.depth += 1
+        try:
+            with self.choice(kind).run(units):
+                yield
+        finally:
+            self.depth -= 1
+
+
+def _set_numba_threads(n: int) -> None:
+    import numba
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+def _median(values) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if v else float("inf")
+
+
+_GOVERNOR: Governor | None = None
 
 
 def gc_on() -> None:

@@ -35,10 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numba
 import numpy as np
 
 from ..config import ModelConfig
+from ..runtime import governed, parts
 from .heads import build_head
 
 # out (k,) int32, lps (k,) float64, hs (L, 1, H), cs (L, 1, H), seen (V,) uint8, feed ids, uniforms (k,),
@@ -115,11 +115,12 @@ class BaseModel:
     def _backward(self, ws, x: np.ndarray, grads: dict[str, np.ndarray], rng: np.random.Generator | None) -> None:
         raise NotImplementedError
 
-    def sampler(self) -> SampleStep:
+    def sampler(self, precision: str = "float32") -> SampleStep:
         """step(out, lps, hs, cs, seen, feed, uniforms, temperature, top_k, top_p, penalty, greedy):
         feed the ids `feed` from the state (hs, cs) (updated in place), then sample len(out)
         tokens into out (their ln P into lps), each fed back as the next input; seen (V,) uint8
-        marks the tokens the repetition penalty applies to (kernels.layers.pick_token)."""
+        marks the tokens the repetition penalty applies to (kernels.layers.pick_token). precision "bf16":
+        the weights stored as bfloat16 (kernels.sample), where the model has such a sampler."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- forward
@@ -131,25 +132,37 @@ class BaseModel:
 
     def loss(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[float, State]:
         """Mean cross-entropy (nats) of targets y (T, N) given inputs x (T, N); no dropout."""
+        with governed(x.size, ("loss", x.shape[1])):
+            return self._loss(x, y, state)
+
+    def _loss(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[float, State]:
         ws = self._forward(x, state, None)
-        total = self.head.loss(self.params, ws.top, np.ascontiguousarray(y, dtype=np.int32).reshape(-1), numba.get_num_threads())
+        total = self.head.loss(self.params, ws.top, np.ascontiguousarray(y, dtype=np.int32).reshape(-1), parts())
         return float(total) / y.size, self._final_state(ws)  # float: a NumPy scalar without the JIT
 
     def token_logprobs(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """log P(y[t, n] | inputs up to x[t, n]) as float64 (T, N), and the state after."""
+        with governed(x.size, ("score", x.shape[1])):
+            return self._token_logprobs(x, y, state)
+
+    def _token_logprobs(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         ws = self._forward(x, state, None)
         out = np.empty(y.size, dtype=np.float64)
-        self.head.gather(self.params, ws.top, np.ascontiguousarray(y, dtype=np.int32).reshape(-1), out, numba.get_num_threads())
+        self.head.gather(self.params, ws.top, np.ascontiguousarray(y, dtype=np.int32).reshape(-1), out, parts())
         return out.reshape(y.shape), self._final_state(ws)
 
     def _last_scores(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """Scores (N, V) after the last input of x (T, N) (a new array; their softmax is the
         next-token distribution) and the state after x."""
+        with governed(x.size, ("last", x.shape[1])):
+            return self._scores_after(x, state)
+
+    def _scores_after(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         ws = self._forward(x, state, None)
         T, N = x.shape
         top = np.ascontiguousarray(ws.top.reshape(T, N, -1)[-1])
         out = np.empty((N, self.cfg.vocab_size), self.dtype)
-        self.head.log_probs(self.params, top, out, numba.get_num_threads())
+        self.head.log_probs(self.params, top, out, parts())
         return out, self._final_state(ws)
 
     def probs_last(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
@@ -172,13 +185,18 @@ class BaseModel:
         """Mean cross-entropy over the window and its exact gradient with respect to the
         trainable parameters (truncated BPTT: no gradient flows into the carried state).
         Overwrites grads. rng draws the dropout masks (needed when dropout > 0)."""
+        with governed(x.size, ("train", x.shape[1])):
+            return self._loss_and_grads(x, y, state, grads, rng)
+
+    def _loss_and_grads(self, x: np.ndarray, y: np.ndarray, state: State, grads: dict[str, np.ndarray],
+                        rng: np.random.Generator | None) -> tuple[float, State]:
         T, N = x.shape
         M = T * N
-        parts = numba.get_num_threads()
+        n_parts = parts()
         ws = self._forward(x, state, rng)
         targets = np.ascontiguousarray(y, dtype=np.int32).reshape(M)  # int32 ids, whatever the caller passes: one signature per kernel
         for g in grads.values():
             g.fill(0)
-        total = self.head.loss_and_backward(self.params, ws.top, targets, 1.0 / M, self._dtop(ws), grads, parts)
+        total = self.head.loss_and_backward(self.params, ws.top, targets, 1.0 / M, self._dtop(ws), grads, n_parts)
         self._backward(ws, x, grads, rng)
         return float(total) / M, self._final_state(ws)

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
 from ..config import ModelConfig
+from ..runtime import governed, parts
 from ..errors import CharlmError
 from ..kernels import layers
 from ..kernels.esn import csr_matvec, esn_forward, esn_sample
@@ -174,7 +174,7 @@ class EsnModel(BaseModel):
         u += p["reservoir.bias"]
         ws.hs[0] = state.h[0]
         esn_forward(ws.hs, ws.u, p["reservoir.W_data"], p["reservoir.W_indices"], p["reservoir.W_indptr"],
-                    float(self.cfg.leak), numba.get_num_threads())
+                    float(self.cfg.leak), parts())
         return ws
 
     def _final_state(self, ws: EsnWorkspace) -> State:
@@ -188,8 +188,11 @@ class EsnModel(BaseModel):
                   rng: np.random.Generator | None) -> None:
         """Nothing: the head already added the readout's gradient, and the reservoir is fixed."""
 
-    def sampler(self) -> SampleStep:
-        """The compiled reservoir sampler (see BaseModel.sampler); uses hs[0, 0], ignores cs."""
+    def sampler(self, precision: str = "float32") -> SampleStep:
+        """The compiled reservoir sampler (see BaseModel.sampler); uses hs[0, 0], ignores cs. float32 only:
+        its sparse reservoir is not what a token's time goes to."""
+        if precision != "float32":
+            raise CharlmError(f"--precision {precision} is for LSTM, GRU and RNN models: drop it for an ESN")
         p = self.params
         WoutT = np.ascontiguousarray(p["decoder.weight"].T)
         arrays = (p["reservoir.input_weight"], p["reservoir.bias"], p["reservoir.W_data"], p["reservoir.W_indices"],

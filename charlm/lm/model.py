@@ -38,10 +38,10 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
 from ..config import ModelConfig
+from ..runtime import governed, parts
 from ..errors import CharlmError
 from ..kernels import gru, layers, lstm, rnn
 from ..kernels.sample import CELL_CODES, pack, stack_sample
@@ -196,7 +196,7 @@ class Model(BaseModel):
                 ws.cs[k][0] = state.c[k]
             self._fwd(ws.hs[k], ws.cs[k], ws.acts[k], inp,
                       p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"],
-                      p[f"rnn.bias_ih_l{k}"], p[f"rnn.bias_hh_l{k}"], numba.get_num_threads())
+                      p[f"rnn.bias_ih_l{k}"], p[f"rnn.bias_hh_l{k}"], parts())
         ws.out_dropped = rng is not None and cfg.dropout_out > 0
         top = ws.hs[-1][1:]
         if ws.out_dropped:
@@ -230,7 +230,7 @@ class Model(BaseModel):
         self._bwd(dx, grads[f"rnn.weight_ih_l{k}"], grads[f"rnn.weight_hh_l{k}"],
                   grads[f"rnn.bias_ih_l{k}"], grads[f"rnn.bias_hh_l{k}"], dh0, dc0,
                   dacts, dacts_h, dhs, hs, cs, acts, inp,
-                  p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"], numba.get_num_threads())
+                  p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"], parts())
 
     def _backward(self, ws: Workspace, x: np.ndarray, grads: dict[str, np.ndarray],
                   rng: np.random.Generator | None) -> None:
@@ -261,19 +261,23 @@ class Model(BaseModel):
                                   np.ascontiguousarray(x, dtype=np.int32).reshape(M))
 
     # --------------------------------------------------------------- sampling
-    def sampler(self) -> SampleStep:
+    def sampler(self, precision: str = "float32") -> SampleStep:
         """The compiled stack sampler over this model's packed weights (see BaseModel.sampler);
         with the adaptive softmax, steps of the model's own forward pass and exact log-probabilities."""
         if self.cfg.softmax != "full":
+            if precision != "float32":
+                raise CharlmError(f"--precision {precision} is for models with the full softmax (this one has "
+                                  f"--softmax {self.cfg.softmax}): drop --precision")
             return self._stepwise_sampler()
-        parts = numba.get_num_threads()
+        n_parts = parts()
         params = self.params if not self.cfg.tie else {**self.params, "decoder.weight": self.params["embedding.weight"]}
-        packed = pack(params, self.cfg.layers, parts=parts)
+        packed = pack(params, self.cfg.layers, parts=n_parts, precision=precision)
         code = CELL_CODES[self.cfg.cell]
 
         def step(out, lps, hs, cs, seen, feed, u, temperature, top_k, top_p, penalty, greedy):
-            stack_sample(out, lps, hs, cs, seen, feed, u, code, *packed, temperature, top_k, top_p, penalty,
-                         greedy, parts)
+            with governed(len(out) + len(feed), "sample"):  # tokens fed and drawn
+                stack_sample(out, lps, hs, cs, seen, feed, u, code, *packed, temperature, top_k, top_p, penalty,
+                             greedy, n_parts)
         return step
 
     def _stepwise_sampler(self) -> SampleStep:

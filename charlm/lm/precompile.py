@@ -77,8 +77,8 @@ def sampler_in_background(model, vocab) -> Background | None:
     from ..kernels.sample import stack_sample
     if model.cfg.cell != "esn" and model.cfg.softmax == "full" and cached(stack_sample, model.dtype):
         return None
-    import numba
-    return Background(compile_sampler, model.cfg, vocab, model.dtype.str, numba.get_num_threads())
+    from ..runtime import parts
+    return Background(compile_sampler, model.cfg, vocab, model.dtype.str, parts())
 
 
 def warm_up(model, batches, with_sampler: bool, vocab) -> None:

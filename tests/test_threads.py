@@ -1,0 +1,207 @@
+"""The thread governor (charlm.runtime.Governor): how many threads run the kernels' parts, chosen by
+measured speed so that a core taken by another process does not stall every barrier.
+
+The policy is tested on a simulated machine (a fake clock whose time per piece depends on the thread
+count and on whether a "hog" holds a core): it keeps every thread when they are faster, moves to one
+within a few pieces when a core gets busy, comes back when it is free again, and spends little on its
+probes. The numbers are tested on the real kernels: with the parts fixed, one thread and two give the
+same loss, gradients, log-probabilities and samples bit for bit (LSTM, GRU, RNN, ESN, adaptive
+softmax), so the governor's choices never change a result."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from charlm.config import ModelConfig
+from charlm.lm.models import create_model
+from charlm.lm.sample import Decoding, sample_one
+from charlm.runtime import Governor, ThreadChoice, compute_threads, governor, parts
+from charlm.data import Vocab
+
+
+class Machine:
+    """Seconds per piece on n threads: `fast` idle, and with a hog on a core the n-thread pieces
+    stall (`stalled`) while one thread keeps its speed."""
+
+    def __init__(self, idle: dict, loaded: dict):
+        self.idle, self.loaded = idle, loaded
+        self.hog = False
+        self.t = 0.0
+        self.threads = None
+        self.used = {1: 0, 2: 0}
+
+    def clock(self) -> float:
+        return self.t
+
+    def set_threads(self, n: int) -> None:
+        self.threads = n
+
+    def piece(self, gov: Governor) -> int:
+        with gov.run(1):
+            n = self.threads
+            self.used[n] += 1
+            self.t += (self.loaded if self.hog else self.idle)[n]
+        return n
+
+
+    def piece_of(self, gov: Governor, kind, cost: dict) -> int:
+        with gov.run(1, kind):
+            n = self.threads
+            self.t += cost[n]
+        return n
+
+
+def pieces(m: Machine, gov: Governor, k: int) -> list[int]:
+    return [m.piece(gov) for _ in range(k)]
+
+
+def test_governor_keeps_two_threads_when_they_are_faster_and_probes_little():
+    m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.4, 1: 0.09})
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    used = pieces(m, gov, 2000)  # 100 simulated seconds
+    assert gov.current == 2 and gov.switches == 0
+    assert used.count(1) <= 0.03 * len(used), used.count(1)  # probes: backed off to one a minute
+
+
+def test_governor_moves_to_one_thread_when_a_core_gets_busy_and_back_when_it_is_free():
+    m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.4, 1: 0.09})
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    pieces(m, gov, 2000)
+    m.hog = True
+    t0 = m.t
+    used = pieces(m, gov, 200)
+    assert gov.current == 1
+    assert used.index(1) <= 4 and used[10:].count(2) <= 3, used[:20]  # moved at once; few stalled probes after
+    assert m.t - t0 < 1.15 * 200 * 0.09  # within 15 % of one thread's time all along
+    m.hog = False
+    used = pieces(m, gov, 3000)
+    assert gov.current == 2 and used[-100:].count(2) >= 97  # found the free core again (a probe within 60 s)
+
+
+def test_governor_chooses_one_thread_when_one_is_simply_faster():
+    """A batch-1 step of a small model: the barrier costs more than the second thread brings."""
+    m = Machine(idle={2: 0.002, 1: 0.0015}, loaded={2: 0.01, 1: 0.0015})
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    used = pieces(m, gov, 5000)
+    assert gov.current == 1 and used[-1000:].count(1) >= 990
+
+
+def test_each_kind_of_work_gets_its_own_choice():
+    """Batch-1 sampling may be best on one thread while training steps are best on two, in the same
+    process; and a kind's speed never blurs another's (their costs per unit differ a hundredfold)."""
+    m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.4, 1: 0.09})
+    token = {2: 0.0004, 1: 0.0003}
+    gov = Governor(2, clock=m.clock, set_threads=m.set_threads)
+    for _ in range(300):
+        m.piece_of(gov, "train", m.idle)
+        for _ in range(5):
+            m.piece_of(gov, "sample", token)
+    assert gov.choice("train").current == 2 and gov.choice("sample").current == 1
+    assert gov.choice("train").switches == 0
+
+
+def test_no_governing_with_one_part_or_when_turned_off():
+    m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.4, 1: 0.09})
+    m.threads = 2
+    off = ThreadChoice(2, adaptive=False, clock=m.clock, set_threads=m.set_threads)
+    assert set(pieces(m, off, 50)) == {2}
+    one = ThreadChoice(1, clock=m.clock, set_threads=m.set_threads)
+    m.threads = 1
+    assert set(pieces(m, one, 50)) == {1}
+
+
+def test_nested_pieces_are_timed_once_by_the_outer_one():
+    m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.4, 1: 0.09})
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    with gov.run(1):
+        with gov.run(1):
+            m.t += 1.0
+    assert gov.pieces == 1
+
+
+def test_compute_threads_fixes_the_parts_and_restores_the_outer_governor(monkeypatch):
+    monkeypatch.delenv("CHARLM_ADAPTIVE_THREADS", raising=False)
+    with compute_threads(2):
+        outer = governor()
+        assert parts() == 2 and outer.adaptive == (numba.config.NUMBA_NUM_THREADS >= 2)
+        with compute_threads(1):
+            assert parts() == 1 and not governor().adaptive
+        assert governor() is outer
+    monkeypatch.setenv("CHARLM_ADAPTIVE_THREADS", "0")
+    with compute_threads(2):
+        assert not governor().adaptive
+
+
+# ------------------------------------------------------------------ the numbers do not depend on it
+needs_two = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+
+CASES = {
+    "lstm": ModelConfig(cell="lstm", vocab_size=40, embed=16, hidden=64, layers=2, dropout=0.3),
+    "gru": ModelConfig(cell="gru", vocab_size=40, embed=16, hidden=64, layers=2),
+    "rnn": ModelConfig(cell="rnn", vocab_size=40, embed=16, hidden=64, layers=1),
+    "esn": ModelConfig(cell="esn", vocab_size=40, hidden=96, layers=1, connectivity=0.1),
+    "adaptive": ModelConfig(cell="lstm", vocab_size=300, embed=32, hidden=64, layers=1, softmax="adaptive",
+                            cutoffs=(50, 150)),
+}
+
+
+def _vocab(V: int) -> Vocab:
+    return Vocab(tuple(["\n"] + [chr(0x100 + i) for i in range(V - 1)]))
+
+
+def _everything(model, vocab, rng_seed: int = 3) -> list[np.ndarray]:
+    """Loss and gradients of a training window (dropout drawn from a seeded generator), log-probabilities
+    of a window of 4 streams and of one, and a sample of 40 tokens."""
+    V = model.cfg.vocab_size
+    rng = np.random.default_rng(rng_seed)
+    x = rng.integers(0, V, size=(12, 4)).astype(np.int32)
+    y = rng.integers(0, V, size=(12, 4)).astype(np.int32)
+    grads = model.zero_grads()
+    loss, _ = model.loss_and_grads(x, y, model.zero_state(4), grads, np.random.default_rng(7))
+    lp4, _ = model.token_logprobs(x, y, model.zero_state(4))
+    lp1, _ = model.token_logprobs(x[:, :1], y[:, :1], model.zero_state(1))
+    sample = sample_one(model, vocab, 40, Decoding(temperature=0.9), seed=5)
+    return [np.float64(loss), *[grads[k] for k in sorted(grads)], lp4, lp1, np.asarray(sample["ids"]),
+            np.float64(sample["logprob"])]
+
+
+@needs_two
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_thread_or_two_give_the_same_numbers_with_the_parts_fixed(name):
+    cfg = CASES[name]
+    model = create_model(cfg, seed=1)
+    vocab = _vocab(cfg.vocab_size)
+    with compute_threads(2):
+        gov = governor()
+        gov.adaptive = False  # hold the thread count where the test puts it
+        numba.set_num_threads(2)
+        two = _everything(model, vocab)
+        numba.set_num_threads(1)
+        one = _everything(model, vocab)
+    for a, b in zip(two, one):
+        assert a.tobytes() == b.tobytes()
+
+
+@needs_two
+def test_the_governor_in_use_does_not_change_a_training_run(tmp_path, monkeypatch):
+    """Whatever thread counts the governor picks along the way, the run is the one with its parts."""
+    from charlm.config import TrainConfig
+    from charlm.lm import checkpoint
+    from charlm.lm import train as train_mod
+    from tests.helpers import tiny_text
+    cfg = ModelConfig(cell="lstm", embed=16, hidden=64, layers=2, dropout=0.2)
+    tcfg = TrainConfig(seq_len=16, batch=4, steps=30, eval_every=10)
+    results = []
+    for adaptive, probe in (("0", None), ("1", 0.0)):
+        monkeypatch.setenv("CHARLM_ADAPTIVE_THREADS", adaptive)
+        if probe is not None:  # probe at every chance: many switches of the thread count
+            monkeypatch.setattr(ThreadChoice, "FIRST_PROBE", probe)
+            monkeypatch.setattr(ThreadChoice, "MAX_INTERVAL", probe)
+            monkeypatch.setattr(ThreadChoice, "AFTER_SWITCH", probe)
+        with compute_threads(2):
+            list(train_mod.train(tiny_text(), cfg, tcfg, tmp_path / adaptive, sample_chars=0))
+        results.append(checkpoint.load(tmp_path / adaptive / "latest.npz"))
+    a, b = results
+    for k in a.params:
+        assert a.params[k].tobytes() == b.params[k].tobytes(), k
