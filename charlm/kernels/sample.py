@@ -9,9 +9,17 @@ use). Batch 1 needs matrix-vector products, not BLAS matrix products: the
 weights are passed transposed and split by hidden units between threads
 (pack()) so each product is a sum of contiguous rows scaled by one input each,
 which vectorises, and each thread streams only its share.
+
+Weights in bfloat16 (pack(precision="bf16"), `charlm sample --precision bf16`): the recurrent
+and output weights are stored as the upper 16 bits of their float32 values (rounded to
+nearest even), half the bytes a token streams; every product widens them back to float32
+as it reads them (widen()) and accumulates in float32, so the arithmetic is float32 on
+slightly rounded weights. The same kernels compile once more for uint16 weights.
 """
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 from .fastmath import act_tanh
 from .gru import gru_cell
@@ -20,9 +28,41 @@ from .lstm import lstm_cell
 from .parallel import JIT, PJIT, chunk, copy_row, unit_parts
 
 CELL_CODES = {"rnn": 0, "gru": 1, "lstm": 2}
+PRECISIONS = ("float32", "bf16")
 
 
-def pack(params: dict, layers: int, dtype=None, parts: int = 1) -> tuple:
+def to_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 array -> its bfloat16 bits (uint16), rounded to nearest, ties to even (finite values)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16(b: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> the float32 values they stand for."""
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+@intrinsic
+def _f32_of_bits(typingctx, u):
+    """The float32 whose bits are the uint32 u (a bit cast, no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+def widen(w):
+    """A stored weight as float32: itself, or the float32 of its bfloat16 bits."""
+    return w
+
+
+@overload(widen, jit_options={"error_model": "numpy"})
+def _widen(w):
+    if isinstance(w, types.Integer):
+        return lambda w: _f32_of_bits(np.uint32(w) << np.uint32(16))
+    return lambda w: w
+
+
+def pack(params: dict, layers: int, dtype=None, parts: int = 1, precision: str = "float32") -> tuple:
     """Parameters by model name -> the arrays stack_sample takes. The recurrent
     weights are transposed, so every matrix-vector product runs along contiguous
     rows, and split by hidden units into P = unit_parts(parts, H) parts: part p
@@ -33,6 +73,8 @@ def pack(params: dict, layers: int, dtype=None, parts: int = 1) -> tuple:
     emb (V, E); WihT0 (P, E, G wmax); WihT_rest (max(L-1, 1), P, H, G wmax);
     WhhT (L, P, H, G wmax); bih, bhh (L, P, G wmax); WoutT (H, V); bout (V,);
     table (P, V, G wmax), or (P, 0, G wmax) when not built (see TABLE_MAX_MACS).
+    precision "bf16": WihT0, WihT_rest, WhhT and WoutT as bfloat16 bits (uint16); the table is
+    computed from the float32 weights, the embedding and biases stay float32.
     """
     L = layers
     dt = dtype or params["embedding.weight"].dtype
@@ -59,10 +101,11 @@ def pack(params: dict, layers: int, dtype=None, parts: int = 1) -> tuple:
         table = _input_table(emb, WihT0, bih[0])
     else:
         table = np.zeros((P, 0, G * wmax), dt)
-    return (emb, WihT0, np.stack(rest),
-            np.stack([split(params[f"rnn.weight_hh_l{k}"].T) for k in range(L)]),
+    store = to_bf16 if precision == "bf16" else (lambda a: a)
+    return (emb, store(WihT0), store(np.stack(rest)),
+            store(np.stack([split(params[f"rnn.weight_hh_l{k}"].T) for k in range(L)])),
             bih, np.stack([split(params[f"rnn.bias_hh_l{k}"][None])[:, 0] for k in range(L)]),
-            np.ascontiguousarray(params["decoder.weight"].T, dtype=dt),
+            store(np.ascontiguousarray(params["decoder.weight"].T, dtype=dt)),
             np.ascontiguousarray(params["decoder.bias"], dtype=dt), table)
 
 
@@ -89,8 +132,8 @@ def _input_table(emb, WihT0, bih0):
 
 @njit(**JIT)
 def _matvec_t(out, x, WT, b):
-    """out = b + x @ WT for one vector: x (D,), WT (D, K), b, out (K,). Row-wise
-    axpy, so the inner loop runs along contiguous memory and vectorises."""
+    """out = b + x @ WT for one vector: x (D,), WT (D, K) (float, or bfloat16 bits), b, out (K,).
+    Row-wise axpy, so the inner loop runs along contiguous memory and vectorises."""
     K = out.shape[0]
     for k in range(K):
         out[k] = b[k]
@@ -98,7 +141,7 @@ def _matvec_t(out, x, WT, b):
         xd = x[d]
         row = WT[d]
         for k in range(K):
-            out[k] += xd * row[k]
+            out[k] += xd * widen(row[k])
 
 
 @njit(**JIT)
@@ -159,7 +202,7 @@ def _decode_range(logits, h, WoutT, bout, v0, v1):
         hd = h[d]
         row = WoutT[d, v0:v1]
         for k in range(v1 - v0):
-            o[k] += hd * row[k]
+            o[k] += hd * widen(row[k])
 
 
 @njit(**PJIT)

@@ -133,21 +133,23 @@ class LanguageModel:
 
     def stream(self, prime: str = "", length: int = 500, temperature: float = 0.8, seed: int | None = None,
                top_k: int = 0, greedy: bool = False, *, top_p: float = 1.0, repetition_penalty: float = 1.0,
-               stop: str | Sequence[str] | None = None) -> Iterator[str]:
+               stop: str | Sequence[str] | None = None, precision: str = "float32") -> Iterator[str]:
         """Yield the generated text in chunks as it is produced (what `charlm sample` prints after the
         prime). The context starts from the zero state with the end-of-line token fed first, then the
         prime. The same seed gives the same text; seed None draws a fresh one. greedy (or temperature 0)
         always takes the most likely token; top_k > 0 samples among the k most likely, top_p < 1 among
         the fewest most likely whose probability adds up to top_p; repetition_penalty > 1 makes tokens
         already in the prime or the text less likely (HF's). stop: a string or several; the text ends
-        at the first one (included), else after `length` tokens.
+        at the first one (included), else after `length` tokens. precision "bf16" stores the weights as
+        bfloat16 for the sampler (half the bytes a token reads; the numbers differ slightly from the
+        model's: README, "Sampling in bfloat16"); "float32", the default, is exact.
         """
         from .sample import Decoding, check_length, check_stops, generate  # scoring never needs these kernels
         check_length(length)
-        dec = Decoding(temperature, top_k, top_p, repetition_penalty, greedy)
+        dec = Decoding(temperature, top_k, top_p, repetition_penalty, greedy, precision)
         chunks = generate(self._model, self.vocab, length, temperature=dec.temperature, prime=prime, seed=seed,
                           top_k=top_k, greedy=greedy, top_p=top_p, repetition_penalty=repetition_penalty,
-                          stop=check_stops(stop))
+                          stop=check_stops(stop), precision=precision)
         # threads None: Numba's current setting (every core unless changed) as is; sampling calls no BLAS to
         # limit, and `charlm sample` starts faster without threadpoolctl
         return chunks if self._threads is None else self._on_threads(chunks)
@@ -158,26 +160,28 @@ class LanguageModel:
 
     def generate(self, prime: str = "", length: int = 500, temperature: float = 0.8, seed: int | None = None,
                  top_k: int = 0, greedy: bool = False, *, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 stop: str | Sequence[str] | None = None) -> str:
+                 stop: str | Sequence[str] | None = None, precision: str = "float32") -> str:
         """The generated text, without the prime (see stream for the arguments): `length` tokens (fewer
         after a stop string), words joined by spaces and <eos> written as a newline for a word model."""
         return "".join(self.stream(prime, length, temperature, seed, top_k, greedy, top_p=top_p,
-                                   repetition_penalty=repetition_penalty, stop=stop))
+                                   repetition_penalty=repetition_penalty, stop=stop, precision=precision))
 
     def sample(self, prime: str = "", length: int = 500, temperature: float = 0.8, seed: int | None = None,
                top_k: int = 0, greedy: bool = False, *, top_p: float = 1.0, repetition_penalty: float = 1.0,
-               stop: str | Sequence[str] | None = None, num_samples: int = 1) -> list[dict]:
+               stop: str | Sequence[str] | None = None, num_samples: int = 1,
+               precision: str = "float32") -> list[dict]:
         """num_samples samples (arguments as for stream), each {"text", "tokens", "ids", "logprob",
         "n_tokens"}: the text without the prime, its tokens and their ids, and the natural-log probability
         of those tokens under the model (temperature 1). What `charlm sample --json` prints. One sample
         is the text generate() gives for the same seed; several are generated side by side (one batched
-        step per token for all of them), from one generator seeded by seed."""
+        step per token for all of them), from one generator seeded by seed. precision as for stream
+        (one sample only)."""
         from .sample import Decoding, check_length, check_stops, sample_batch, sample_one
         check_length(length)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples <= 0:
             raise CharlmError(f"num_samples must be a positive whole number, got {num_samples!r}")
         self._check_batch_memory(num_samples, length)
-        dec = Decoding(temperature, top_k, top_p, repetition_penalty, greedy)
+        dec = Decoding(temperature, top_k, top_p, repetition_penalty, greedy, precision)
         with self._compute():
             if num_samples == 1:
                 return [sample_one(self._model, self.vocab, length, dec, prime, seed, check_stops(stop))]

@@ -18,7 +18,7 @@ import numpy as np
 from ..config import check_seed
 from ..data import Vocab
 from ..errors import CharlmError
-from ..kernels.sample import draw_tokens
+from ..kernels.sample import PRECISIONS, draw_tokens
 from .base import BaseModel
 
 
@@ -32,6 +32,7 @@ class Decoding:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     greedy: bool = False
+    precision: str = "float32"  # the batch-1 sampler's weights: "float32", or "bf16" (see kernels.sample)
 
     def __post_init__(self):
         if not self.greedy and (not self.temperature >= 0 or math.isinf(self.temperature)):
@@ -42,6 +43,14 @@ class Decoding:
             raise CharlmError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0 or math.isinf(self.repetition_penalty):
             raise CharlmError(f"repetition_penalty must be positive (1: off), got {self.repetition_penalty}")
+        if self.precision not in PRECISIONS:
+            raise CharlmError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def exact(self, what: str) -> None:
+        """CharlmError unless the weights are the model's own (bf16 is the batch-1 sampler's only)."""
+        if self.precision != "float32":
+            raise CharlmError(f"--precision {self.precision} is for one sample at a time (the batch-1 sampler); "
+                              f"{what} compute in float32: drop --precision")
 
     @property
     def args(self) -> tuple:
@@ -113,7 +122,7 @@ def begin(vocab: Vocab, prime: str) -> tuple[np.ndarray, np.ndarray, bool]:
 def _chunks(model: BaseModel, vocab: Vocab, length: int, dec: Decoding, prime: str, seed: int | None,
             stops: Sequence[str], chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
     """(ids, ln Ps, text) of each chunk from the compiled sampler, cut after a stop string."""
-    step = model.sampler()
+    step = model.sampler(dec.precision)
     rng = _rng(seed)
     state = model.zero_state(1)
     hs, cs = state.h, state.c
@@ -152,7 +161,7 @@ def _chunks(model: BaseModel, vocab: Vocab, length: int, dec: Decoding, prime: s
 def generate(model: BaseModel, vocab: Vocab, length: int, *, temperature: float = 0.8, prime: str = "",
              seed: int | None = None, top_k: int = 0, greedy: bool = False, top_p: float = 1.0,
              repetition_penalty: float = 1.0, stop: Sequence[str] | str | None = None,
-             chunk: int = 64) -> Iterator[str]:
+             chunk: int = 64, precision: str = "float32") -> Iterator[str]:
     """Yield the generated text in chunks (the prime text is not repeated).
 
     The context starts from the zero state with the end-of-line token fed first
@@ -168,7 +177,7 @@ def generate(model: BaseModel, vocab: Vocab, length: int, *, temperature: float 
         raise CharlmError(f"--temp must be positive (0: greedy), got {temperature}")
     if top_k < 0:
         raise CharlmError(f"--top-k must be 0 (off) or positive, got {top_k}")
-    dec = Decoding(temperature, top_k, top_p, repetition_penalty, greedy)
+    dec = Decoding(temperature, top_k, top_p, repetition_penalty, greedy, precision)
     for _, _, text in _chunks(model, vocab, length, dec, prime, seed, check_stops(stop), chunk):
         yield text
 
@@ -197,6 +206,7 @@ def sample_batch(model: BaseModel, vocab: Vocab, n: int, length: int, dec: Decod
     """n samples generated side by side: one forward step of the n streams per token, the draws
     from one generator seeded by seed (n uniforms per step). Each stops at its own stop string;
     the batch ends when all have stopped or after `length` tokens."""
+    dec.exact("several samples side by side")
     feed, ids, at_line_start = begin(vocab, prime)
     logits, state = model.logits_last(feed[:, None], model.zero_state(1))
     state.h, state.c = np.repeat(state.h, n, axis=1), np.repeat(state.c, n, axis=1)
