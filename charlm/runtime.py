@@ -111,6 +111,17 @@ def governor() -> "Governor | None":
     return _GOVERNOR
 
 
+def thread_report() -> dict | None:
+    """What the active Governor did, for a `done` event: {"parts", "adaptive", "kinds": {kind: {"threads": the
+    count in use, "switches"}}}; None outside compute_threads."""
+    g = _GOVERNOR
+    if g is None:
+        return None
+    kinds = {(k if isinstance(k, str) else "/".join(map(str, k))): {"threads": c.current, "switches": c.switches}
+             for k, c in g.kinds.items()}
+    return {"parts": g.parts, "adaptive": g.adaptive, "kinds": kinds}
+
+
 class ThreadChoice:
     """The number of threads that run one kind of the kernels' work: all of them, or one.
 

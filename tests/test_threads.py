@@ -205,3 +205,19 @@ def test_the_governor_in_use_does_not_change_a_training_run(tmp_path, monkeypatc
     a, b = results
     for k in a.params:
         assert a.params[k].tobytes() == b.params[k].tobytes(), k
+
+
+def test_the_done_event_reports_the_threads(tmp_path):
+    from charlm.config import TrainConfig
+    from charlm.lm import train as train_mod
+    from tests.helpers import tiny_text
+    cfg = ModelConfig(cell="gru", embed=8, hidden=16, layers=1)
+    with compute_threads(1):
+        done = list(train_mod.train(tiny_text(), cfg, TrainConfig(seq_len=8, batch=2, steps=3), tmp_path / "r",
+                                    sample_chars=0))[-1]
+    assert done["threads"] == {"parts": 1, "adaptive": False, "kinds": {}}
+    with compute_threads(2):
+        done = list(train_mod.train(tiny_text(), cfg, TrainConfig(seq_len=8, batch=2, steps=3), tmp_path / "s",
+                                    sample_chars=0))[-1]
+    if numba.config.NUMBA_NUM_THREADS >= 2:
+        assert done["threads"]["parts"] == 2 and done["threads"]["kinds"]["train/2"]["threads"] in (1, 2)

@@ -16,8 +16,9 @@ Events (key "event"):
               "lr_decayed", "evals_since_best"}   lr: the last step's rate (as in the history); lr_next: the next one's
   saved      {"path"}
   done       {"steps", "tokens", "seconds", "tokens_per_s", "best_val_bpc", "best_val_ppl", "checkpoint", "latest", "reason",
-              "best_step", "val_absurd", "lr", "patience"}   val_absurd: the best validation loss is over twice a uniform
-              guess's; reason: "budget", "interrupted" or "patience"; lr: the rate the next step would take
+              "best_step", "val_absurd", "lr", "patience", "threads"}   val_absurd: the best validation loss is over twice
+              a uniform guess's; reason: "budget", "interrupted" or "patience"; lr: the rate the next step would take;
+              threads: runtime.thread_report() (None outside compute_threads)
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from ..errors import CharlmError
 from ..optim import clip_scale, grad_norm, make_optimizer
 from .base import BaseModel
 from .models import build_model, create_model
+from ..runtime import thread_report
 from .schedule import Schedule, scheduled_lr
 from .score import safe_exp
 from .precompile import warm_up
@@ -432,7 +434,8 @@ class _Trainer:
                 "reason": self.reason, "clipped_fraction": run.clipped / run.step if run.step else 0.0,
                 "lr": self._lr(run.step), "patience": self.cfg.patience,
                 "grad_norm_median": float(np.median(norms)) if run.grad_norms else None,
-                "run_dir": str(self.s.run_dir), **done_validation(run.history, run.best_val, len(self.s.vocab))}
+                "run_dir": str(self.s.run_dir), "threads": thread_report(),
+                **done_validation(run.history, run.best_val, len(self.s.vocab))}
 
 
 SNAPSHOT_EVERY = 100
