@@ -11,6 +11,10 @@ rows a real corpus gives them. A training step is forward, backward, clipping an
 (the embedding's gradient is dense on both sides: nn.Embedding's default). Exact evaluation: the
 summed log-probability of each window's targets (no gradient), state carried.
 
+--sparse: the embedding updated in the rows a batch uses only, on both sides: charlm as `charlm train
+--sparse-embedding` runs it (gradient rows, their norm, lazy Adam), PyTorch with nn.Embedding(sparse=True)
+and torch.optim.SparseAdam for it (Adam for the rest), the same semantics.
+
 Prints a markdown table with the ratios and one JSON line. PyTorch is the benchmark-only extra.
 """
 from __future__ import annotations
@@ -47,17 +51,18 @@ def windows(ids: np.ndarray, T: int, N: int, steps: int):
         yield streams[idx], streams[idx + 1]
 
 
-def ours(cfg: ModelConfig, data, steps: int, clip: float, evaluate: bool) -> float:
+def ours(cfg: ModelConfig, data, steps: int, clip: float, evaluate: bool, sparse: bool = False) -> float:
     """Tokens/s of charlm's training step (or exact evaluation) over the windows after one warm-up, on
     every core as the command line runs (compute_threads: Numba splits the work, BLAS single-threaded;
     without it each Numba thread's BLAS call would start threads of its own)."""
     with compute_threads(None):
-        return _ours(cfg, data, steps, clip, evaluate)
+        return _ours(cfg, data, steps, clip, evaluate, sparse)
 
 
-def _ours(cfg: ModelConfig, data, steps: int, clip: float, evaluate: bool) -> float:
+def _ours(cfg: ModelConfig, data, steps: int, clip: float, evaluate: bool, sparse: bool) -> float:
     model = create_model(cfg, seed=0)
-    opt = Adam(model.trainable)
+    opt = Adam(model.trainable, lazy=sparse)
+    model.sparse_grads = sparse  # as the trainer sets it (one process)
     grads = model.zero_grads()
     N = data[0][0].shape[1]
     state = model.zero_state(N)
@@ -68,24 +73,29 @@ def _ours(cfg: ModelConfig, data, steps: int, clip: float, evaluate: bool) -> fl
             lp, state = model.token_logprobs(x, y, state)
         else:
             loss, state = model.loss_and_grads(x, y, state, grads)
-            opt.step(model.trainable, grads, 1e-3, clip_scale(grad_norm(grads), clip))
+            rows = model.touched()
+            opt.step(model.trainable, grads, 1e-3, clip_scale(grad_norm(grads, rows), clip), rows)
         if i:
             t += time.perf_counter() - t0
     return steps * data[0][0].size / t
 
 
-def theirs(torch, cfg: ModelConfig, data, steps: int, clip: float, evaluate: bool) -> float:
+def theirs(torch, cfg: ModelConfig, data, steps: int, clip: float, evaluate: bool, sparse: bool = False) -> float:
     """The same with torch: Embedding + LSTM + AdaptiveLogSoftmaxWithLoss (head_bias=True, as ours)."""
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.embedding = torch.nn.Embedding(cfg.vocab_size, cfg.embed)
+            self.embedding = torch.nn.Embedding(cfg.vocab_size, cfg.embed, sparse=sparse)
             self.rnn = torch.nn.LSTM(cfg.embed, cfg.hidden, cfg.layers)
             self.decoder = torch.nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden, cfg.vocab_size, list(cfg.cutoffs),
                                                                div_value=cfg.div_value, head_bias=True)
 
     net = Net()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    if sparse:
+        dense_params = [p for n, p in net.named_parameters() if not n.startswith("embedding.")]
+        opts = [torch.optim.SparseAdam(list(net.embedding.parameters()), lr=1e-3), torch.optim.Adam(dense_params, lr=1e-3)]
+    else:
+        opts = [torch.optim.Adam(net.parameters(), lr=1e-3)]
     state = None
     t = 0.0
     for i, (x, y) in enumerate(data[:steps + 1]):
@@ -100,10 +110,15 @@ def theirs(torch, cfg: ModelConfig, data, steps: int, clip: float, evaluate: boo
                 state = tuple(s.detach() for s in state)
             out, state = net.rnn(net.embedding(xt), state)
             loss = net.decoder(out.reshape(-1, cfg.hidden), yt.reshape(-1)).loss
-            opt.zero_grad()
+            for opt in opts:
+                opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-            opt.step()
+            if not sparse:  # clip_grad_norm_ does not take sparse gradients: clip the dense ones
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            else:
+                torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if not p.grad.is_sparse], clip)
+            for opt in opts:
+                opt.step()
         if i:
             t += time.perf_counter() - t0
     return steps * data[0][0].size / t
@@ -114,6 +129,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="V = 50,000, hidden 256, 3 steps: a smoke run")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement (default 8, after one warm-up)")
     ap.add_argument("--full-steps", type=int, default=2, help="timed steps of our full softmax (default 2: slow)")
+    ap.add_argument("--sparse", action="store_true", help="embedding rows of the batch only, both sides (see above)")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(numba.get_num_threads())
@@ -127,19 +143,20 @@ def main() -> int:
     full = ModelConfig(cell="lstm", vocab_size=V, embed=H, hidden=H, layers=2)
     rows = {}
     for what, ev in (("training", False), ("exact evaluation", True)):
-        o = ours(adaptive, data, steps, clip, ev)
-        p = theirs(torch, adaptive, data, steps, clip, ev)
-        f = ours(full, data, min(steps, args.full_steps), clip, ev)
+        o = ours(adaptive, data, steps, clip, ev, args.sparse)
+        p = theirs(torch, adaptive, data, steps, clip, ev, args.sparse)
+        f = ours(full, data, min(steps, args.full_steps), clip, ev, args.sparse)
         rows[what] = {"ours_adaptive": o, "torch_adaptive": p, "ours_full": f}
     print(f"LSTM 2x{H}, V = {V:,}, cutoffs {','.join(map(str, cutoffs))}, batch {N}, windows {T}, "
-          f"{numba.get_num_threads()} threads, torch {torch.__version__}\n")
+          f"{numba.get_num_threads()} threads, torch {torch.__version__}"
+          f"{', sparse embedding updates (both sides)' if args.sparse else ''}\n")
     print("| work | charlm adaptive tok/s | PyTorch adaptive tok/s | ratio | charlm full softmax tok/s | adaptive / full |")
     print("|---|---|---|---|---|---|")
     for what, r in rows.items():
         print(f"| {what} | {r['ours_adaptive']:,.0f} | {r['torch_adaptive']:,.0f} | "
               f"{r['ours_adaptive'] / r['torch_adaptive']:.2f}x | {r['ours_full']:,.0f} | "
               f"{r['ours_adaptive'] / r['ours_full']:.1f}x |")
-    print(json.dumps({"V": V, "H": H, "cutoffs": cutoffs, "rows": rows}))
+    print(json.dumps({"V": V, "H": H, "cutoffs": cutoffs, "sparse": args.sparse, "rows": rows}))
     return 0
 
 

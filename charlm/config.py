@@ -186,6 +186,7 @@ class TrainConfig:
     warmup: int = 0         # linear warm-up over the first warmup steps (0: none)
     patience: int = 0       # stop after this many evaluations in a row without improvement (0: never)
     min_lr: float = 0.0     # plateau never divides below it; cosine anneals down to it
+    sparse_embedding: bool = False  # Adam: update only the embedding rows a batch uses ("lazy", as SparseAdam)
 
     LR_SCHEDULES = ("constant", "plateau", "cosine")  # (not a field: no annotation)
 
@@ -224,6 +225,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 48:
                 raise CharlmError(f"--{name} must be a whole number, 0 (off) or more, got {str(v)[:40]}")
+        if not isinstance(self.sparse_embedding, bool):
+            raise CharlmError(f"--sparse-embedding is a switch (true or false), got {str(self.sparse_embedding)[:40]}")
         _finite("--min-lr", self.min_lr)
         if self.min_lr >= self.lr:
             raise CharlmError(f"--min-lr must be below --lr ({self.lr:g}), got {self.min_lr:g}")

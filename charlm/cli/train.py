@@ -69,6 +69,11 @@ Patience = Annotated[int, typer.Option(help="Stop after N evaluations in a row w
                                             "best yet (0: never).", metavar="N", rich_help_panel=_SCHEDULE)]
 MinLr = Annotated[float, typer.Option("--min-lr", help="The floor: plateau never divides below it, cosine "
                                       "anneals down to it.", rich_help_panel=_SCHEDULE)]
+SparseEmbedding = Annotated[bool, typer.Option(
+    "--sparse-embedding", help="Adam updates only the embedding rows a batch uses, as PyTorch's SparseAdam: "
+                               "much faster with a large vocabulary, and rows of words not in a batch keep their "
+                               "Adam moments (so not the same numbers as dense Adam). Not with --tie. SGD always "
+                               "updates only those rows (the same numbers).", rich_help_panel=_WORD)]
 Units = Annotated[int, typer.Option(help="ESN: reservoir units.", rich_help_panel=_ESN)]
 Leak = Annotated[float, typer.Option(help="ESN: leak rate a in (0, 1]: h = (1-a) h + a tanh(...).",
                                      rich_help_panel=_ESN)]
@@ -143,6 +148,7 @@ def train_cmd(
     softmax: Softmax = DEFAULTS["softmax"],
     cutoffs: Cutoffs = DEFAULTS["cutoffs"],
     div_value: DivValue = DEFAULTS["div_value"],
+    sparse_embedding: SparseEmbedding = DEFAULTS["sparse_embedding"],
     lr_schedule: LrSchedule = DEFAULTS["lr_schedule"],
     lr_decay: LrDecay = DEFAULTS["lr_decay"],
     warmup: Warmup = DEFAULTS["warmup"],

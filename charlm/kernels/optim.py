@@ -23,6 +23,15 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, gscale):
 
 
 @njit(**JIT)
+def adam_update_rows(p, g, m, v, rows, lr, beta1, beta2, eps, bc1, bc2, gscale):
+    """adam_update on the rows `rows` (R,) int64 of p, g, m, v (V, E) only; the other rows keep their
+    weights and moments ("lazy" Adam, as PyTorch's SparseAdam: a row moves only when a batch uses it)."""
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        adam_update(p[r], g[r], m[r], v[r], lr, beta1, beta2, eps, bc1, bc2, gscale)
+
+
+@njit(**JIT)
 def sum_squares(a):
     """sum(a**2) of a flat array (K,), accumulated in float64."""
     s = 0.0

@@ -32,6 +32,7 @@ Dimensions: N batch, T time, V vocab, H hidden, L state layers, M = T*N.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,6 +73,23 @@ class BaseModel:
         self.head = build_head(cfg)
         self.dtype = params["decoder.bias" if "decoder.bias" in params else "decoder.head.weight"].dtype
         self._ws: dict[tuple[int, int], object] = {}
+        # sparse_grads (set by the trainer when one process owns its gradients): the gradient of
+        # sparse_param() is zero outside the rows of the ids a window used, so loss_and_grads zeroes
+        # only the rows it wrote last time into that same array, and touched() names the rows
+        self.sparse_grads = False
+        self._touched: tuple | None = None  # (weakref to the gradient array, its written rows)
+
+    def sparse_param(self) -> str | None:
+        """The parameter whose gradient is zero outside the rows of a window's input ids (an input
+        embedding not shared with the output layer), or None."""
+        return None
+
+    def touched(self) -> dict[str, np.ndarray] | None:
+        """After loss_and_grads with sparse_grads: {sparse_param(): the rows of its gradient that may be
+        nonzero, ascending (int64)}; else None."""
+        if not self.sparse_grads or self._touched is None:
+            return None
+        return {self.sparse_param(): self._touched[1]}
 
     @classmethod
     def create(cls, cfg: ModelConfig, seed: int = 0, dtype=np.float32):
@@ -195,8 +213,15 @@ class BaseModel:
         n_parts = parts()
         ws = self._forward(x, state, rng)
         targets = np.ascontiguousarray(y, dtype=np.int32).reshape(M)  # int32 ids, whatever the caller passes: one signature per kernel
-        for g in grads.values():
-            g.fill(0)
+        sparse = self.sparse_param() if self.sparse_grads else None
+        for name, g in grads.items():
+            if name == sparse and self._touched is not None and self._touched[0]() is g:
+                g[self._touched[1]] = 0  # the only rows the last window wrote
+            else:
+                g.fill(0)
+        self._touched = None
+        if sparse is not None:
+            self._touched = (weakref.ref(grads[sparse]), np.unique(x).astype(np.int64))
         total = self.head.loss_and_backward(self.params, ws.top, targets, 1.0 / M, self._dtop(ws), grads, n_parts)
         self._backward(ws, x, grads, rng)
         return float(total) / M, self._final_state(ws)

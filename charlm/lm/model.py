@@ -261,6 +261,9 @@ class Model(BaseModel):
                                   np.ascontiguousarray(x, dtype=np.int32).reshape(M))
 
     # --------------------------------------------------------------- sampling
+    def sparse_param(self) -> str | None:
+        return None if self.cfg.tie else "embedding.weight"  # tied: the output layer writes every row
+
     def sampler(self, precision: str = "float32") -> SampleStep:
         """The compiled stack sampler over this model's packed weights (see BaseModel.sampler);
         with the adaptive softmax, steps of the model's own forward pass and exact log-probabilities."""

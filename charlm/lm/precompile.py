@@ -81,7 +81,7 @@ def sampler_in_background(model, vocab) -> Background | None:
     return Background(compile_sampler, model.cfg, vocab, model.dtype.str, parts())
 
 
-def warm_up(model, batches, with_sampler: bool, vocab) -> None:
+def warm_up(model, batches, with_sampler: bool, vocab, lazy: bool = False) -> None:
     """Call every kernel a training step uses once on a tiny window so Numba compiles
     (or loads from its cache) before the clock starts; the sampler too when with_sampler
     (else it is compiled in the background: charlm.lm.train._Trainer._start)."""
@@ -94,9 +94,10 @@ def warm_up(model, batches, with_sampler: bool, vocab) -> None:
     rng = np.random.default_rng(0)
     model.loss_and_grads(x, y, model.zero_state(1), grads, rng)
     model.loss(x, y, model.zero_state(1))
-    opt = make_optimizer("adam", {k: v.copy() for k, v in model.trainable.items()})
-    opt.step({k: v.copy() for k, v in model.trainable.items()}, grads, 1e-3, 1.0)
-    grad_norm(grads)
+    opt = make_optimizer("adam", {k: v.copy() for k, v in model.trainable.items()}, lazy=lazy)
+    rows = model.touched()  # lazy (--sparse-embedding): the row-wise Adam kernel too
+    opt.step({k: v.copy() for k, v in model.trainable.items()}, grads, 1e-3, 1.0, rows)
+    grad_norm(grads, rows)
     if with_sampler:
         from .sample import generate
         "".join(generate(model, vocab, 2, seed=0))

@@ -27,7 +27,7 @@ from ..errors import CharlmError
 DEFAULTS: dict[str, Any] = dict(
     cell="lstm", hidden=256, layers=2, embed=64, seq_len=64, batch=32, lr=2e-3, optimizer="adam", clip=5.0,
     dropout=0.2, dropout_in=0.0, dropout_out=0.2, variational=False, tie=False, softmax="full", cutoffs=None,
-    div_value=4.0, lr_schedule="plateau", lr_decay=4.0, warmup=0, patience=0, min_lr=0.0,
+    div_value=4.0, lr_schedule="plateau", lr_decay=4.0, warmup=0, patience=0, min_lr=0.0, sparse_embedding=False,
     units=1000, leak=1.0, sr=0.9, connectivity=0.0, input_scaling=1.0, bias_scaling=0.0,
     steps=None, epochs=None, minutes=None, val_frac=0.05, eval_every=500, seed=0, out=None, encoding="utf-8",
     errors="strict", sample_length=200, level="char", lower=False, min_count=1, max_vocab=50_000, val=None,
@@ -39,7 +39,17 @@ _WORD_MODEL_FLAGS = ["dropout_in", "dropout_out", "variational", "tie", "softmax
 _MODEL_FLAGS = ["cell", "hidden", "layers", "embed", "dropout"] + _WORD_MODEL_FLAGS + _ESN_FLAGS
 _DATA_FLAGS = ["seq_len", "batch", "level", "lower", "min_count", "max_vocab", "val_frac", "optimizer", "seed"]
 # continued exactly by --resume, free with --init-from
-_RUN_FLAGS = ["lr", "clip", "eval_every", "lr_schedule", "lr_decay", "warmup", "patience", "min_lr"]
+_RUN_FLAGS = ["lr", "clip", "eval_every", "lr_schedule", "lr_decay", "warmup", "patience", "min_lr", "sparse_embedding"]
+
+
+def _check_sparse_embedding(m: ModelConfig, t: TrainConfig) -> None:
+    if t.optimizer != "adam":
+        raise CharlmError("--sparse-embedding is for --optimizer adam (SGD already updates only the embedding rows "
+                          "a batch uses, with the same numbers)")
+    if m.cell == "esn":
+        raise CharlmError("--sparse-embedding: an ESN's input weights are fixed, only its readout is trained")
+    if m.tie:
+        raise CharlmError("--sparse-embedding does not go with --tie: the tied output layer updates every row")
 
 
 def _flag(name: str) -> str:
@@ -95,6 +105,7 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                  ESN only: units, leak, sr, connectivity, input_scaling, bias_scaling
       training   seq_len, batch, lr, optimizer ("adam", "sgd"), clip, seed
       schedule   lr_schedule ("constant", "plateau", "cosine"), lr_decay, warmup, patience, min_lr
+      optimizer  sparse_embedding (Adam: only the embedding rows a batch uses; not with tie)
       budget     steps, epochs, minutes (counted from the checkpoint's step on resume; none given: 3 minutes)
       data       level ("char", "word"), lower, min_count, max_vocab, val_frac, val (a validation file),
                  encoding, errors ("strict", "replace", "ignore")
@@ -145,7 +156,9 @@ def plan(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None, 
                        val_frac=o["val_frac"], eval_every=o["eval_every"], seed=o["seed"], level=level,
                        lower=o["lower"], min_count=o["min_count"], max_vocab=o["max_vocab"],
                        lr_schedule=o["lr_schedule"], lr_decay=o["lr_decay"], warmup=o["warmup"],
-                       patience=o["patience"], min_lr=o["min_lr"])
+                       patience=o["patience"], min_lr=o["min_lr"], sparse_embedding=o["sparse_embedding"])
+    if tcfg.sparse_embedding:
+        _check_sparse_embedding(init_ck.model if init_ck else mcfg, tcfg)
     if resume_ck is None and tcfg.lr_schedule == "cosine" and not (tcfg.steps or tcfg.epochs or tcfg.minutes):
         from .schedule import COSINE_NEEDS_STEPS
         raise CharlmError(COSINE_NEEDS_STEPS)  # (before a folder is made; the loop would refuse it too)

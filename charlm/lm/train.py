@@ -170,6 +170,9 @@ class _Trainer:
         # more than one process: the gradients live in one flat buffer, summed over the ranks each step
         self.sync = shard.GradSync(model, batches.local / batches.N) if dist.size() > 1 else None
         self.grads = self.sync.grads if self.sync else model.zero_grads()
+        # one process: the embedding's gradient is written in the rows a window uses only (BaseModel.touched);
+        # under MPI the summed gradient has every rank's rows, so it is zeroed whole
+        model.sparse_grads = self.sync is None
         self.sample_chars, self.sample_temp, self.checkpoint_every = sample_chars, sample_temp, checkpoint_every
         self.should_stop, self.clock = should_stop, clock
         self.best_path, self.latest_path = s.run_dir / ckpt_mod.BEST, s.run_dir / ckpt_mod.LATEST
@@ -196,7 +199,7 @@ class _Trainer:
             batches.shard(*shard.check_streams(batches.N, s.train_cfg.batch))  # this rank's streams
         yield from _start_notes(s, batches)
         model = _initial_model(s)
-        opt = make_optimizer(s.train_cfg.optimizer, model.trainable)
+        opt = make_optimizer(s.train_cfg.optimizer, model.trainable, lazy=s.train_cfg.sparse_embedding)
         rng = np.random.default_rng(s.train_cfg.seed)
         state = model.zero_state(batches.local)
         if s.resume is not None:
@@ -232,7 +235,8 @@ class _Trainer:
         # The sampler is first needed at the first evaluation: a child process compiles it meanwhile
         # (charlm.lm.precompile), on the other core, unless several processes already share the cores
         sampler_later = self.sample_chars > 0 and dist.size() == 1
-        warm_up(self.model, self.batches, self.sample_chars > 0 and not sampler_later, self.s.vocab)
+        warm_up(self.model, self.batches, self.sample_chars > 0 and not sampler_later, self.s.vocab,
+                lazy=self.cfg.sparse_embedding)
         if sampler_later:
             from .precompile import sampler_in_background
             self.sampler_job = sampler_in_background(self.model, self.s.vocab)
@@ -279,7 +283,8 @@ class _Trainer:
         if self.sync is not None:
             late = bool(self.deadline) and self.clock() - self.started >= self.deadline
             loss = self.sync.reduce(loss, x.size, self.should_stop(), late)
-        norm = grad_norm(self.grads)
+        rows = model.touched()
+        norm = grad_norm(self.grads, rows)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             yield from self._guard()
             return
@@ -292,7 +297,7 @@ class _Trainer:
         run.clipped += scale < 1.0
         run.grad_norms.append(norm)
         lr = self._lr(run.step)
-        self.opt.step(model.trainable, self.grads, lr, scale)
+        self.opt.step(model.trainable, self.grads, lr, scale, rows)  # Adam uses rows with --sparse-embedding only
         self.state = new_state
         run.train_seconds += self.clock() - ts
         run.tokens += x.shape[0] * self.batches.N  # the global batch's
