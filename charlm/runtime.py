@@ -22,6 +22,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import threading
 import time
 from collections import deque
 import contextlib
@@ -72,21 +73,20 @@ def compute_threads(n: int | None = None):
     thread waiting for a core that is busy elsewhere would otherwise stall every
     time step. How many threads run the parts is the Governor's choice, call by call
     (see there): the numbers never depend on it, only on n."""
-    global _GOVERNOR
     import numba
     from threadpoolctl import threadpool_limits
     from .dist import default_threads
     load_blas()  # load the BLAS Numba calls now, so that the limit reaches it
     n = n or default_threads(numba.config.NUMBA_NUM_THREADS)  # under MPI: the node's cores / its ranks
     n = min(n, numba.config.NUMBA_NUM_THREADS)
-    old, outer = numba.get_num_threads(), _GOVERNOR
+    old, outer = numba.get_num_threads(), governor()
     numba.set_num_threads(n)
-    _GOVERNOR = Governor(n, adaptive=os.environ.get("CHARLM_ADAPTIVE_THREADS", "1") != "0")
+    _LOCAL.governor = Governor(n, adaptive=os.environ.get("CHARLM_ADAPTIVE_THREADS", "1") != "0")
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             yield
     finally:
-        _GOVERNOR = outer
+        _LOCAL.governor = outer
         numba.set_num_threads(old)
 
 
@@ -94,8 +94,9 @@ def parts() -> int:
     """How many parts the kernels split their work into: compute_threads' n (fixed for the whole
     context, whatever number of threads the Governor runs them on, so results do not depend on the
     load); outside compute_threads, Numba's thread count."""
-    if _GOVERNOR is not None:
-        return _GOVERNOR.parts
+    g = governor()
+    if g is not None:
+        return g.parts
     import numba
     return numba.get_num_threads()
 
@@ -104,17 +105,19 @@ def governed(units: float, kind) -> "contextlib.AbstractContextManager":
     """A context around one piece of kernel work of `units` units (tokens) of a kind (a hashable
     label: pieces of one kind cost about the same per unit, e.g. ("train", streams)): the active
     Governor picks its thread count and times it. Does nothing outside compute_threads."""
-    return _GOVERNOR.run(units, kind) if _GOVERNOR is not None else nullcontext()
+    g = governor()
+    return g.run(units, kind) if g is not None else nullcontext()
 
 
 def governor() -> "Governor | None":
-    return _GOVERNOR
+    """The Governor of this thread's innermost compute_threads (per thread, as Numba's thread count is)."""
+    return getattr(_LOCAL, "governor", None)
 
 
 def thread_report() -> dict | None:
     """What the active Governor did, for a `done` event: {"parts", "adaptive", "kinds": {kind: {"threads": the
     count in use, "switches"}}}; None outside compute_threads."""
-    g = _GOVERNOR
+    g = governor()
     if g is None:
         return None
     kinds = {(k if isinstance(k, str) else "/".join(map(str, k))): {"threads": c.current, "switches": c.switches}
@@ -269,7 +272,7 @@ def _median(values) -> float:
     return v[len(v) // 2] if v else float("inf")
 
 
-_GOVERNOR: Governor | None = None
+_LOCAL = threading.local()  # .governor: the Governor of this thread's compute_threads
 
 
 def gc_on() -> None:

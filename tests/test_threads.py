@@ -221,3 +221,19 @@ def test_the_done_event_reports_the_threads(tmp_path):
                                     sample_chars=0))[-1]
     if numba.config.NUMBA_NUM_THREADS >= 2:
         assert done["threads"]["parts"] == 2 and done["threads"]["kinds"]["train/2"]["threads"] in (1, 2)
+
+
+def test_each_python_thread_has_its_own_governor():
+    import threading
+    seen = {}
+
+    def other():
+        with compute_threads(1):
+            seen["inner"] = parts()
+        seen["after"] = governor()
+    with compute_threads(2):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert parts() == 2
+    assert seen == {"inner": 1, "after": None}
