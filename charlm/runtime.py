@@ -65,25 +65,29 @@ def _load_from_file() -> None:
 
 
 @contextmanager
-def compute_threads(n: int | None = None):
+def compute_threads(n: int | None = None, blas: bool = True):
     """Run the kernels split into n parts (default: every core; under MPI the node's cores shared among
     the node's ranks), on up to n threads. Numba splits the work
     (LSTM time loops by hidden units, GRU/RNN ones by batch rows, whole-window
     products by time or rows) and every BLAS call stays single-threaded: a BLAS
     thread waiting for a core that is busy elsewhere would otherwise stall every
     time step. How many threads run the parts is the Governor's choice, call by call
-    (see there): the numbers never depend on it, only on n."""
+    (see there): the numbers never depend on it, only on n. blas=False: work that calls no BLAS
+    (the compiled batch-1 sampler) skips loading and limiting it (threadpoolctl's import)."""
     import numba
-    from threadpoolctl import threadpool_limits
     from .dist import default_threads
-    load_blas()  # load the BLAS Numba calls now, so that the limit reaches it
     n = n or default_threads(numba.config.NUMBA_NUM_THREADS)  # under MPI: the node's cores / its ranks
     n = min(n, numba.config.NUMBA_NUM_THREADS)
     old, outer = numba.get_num_threads(), governor()
     numba.set_num_threads(n)
     _LOCAL.governor = Governor(n, adaptive=os.environ.get("CHARLM_ADAPTIVE_THREADS", "1") != "0")
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
+        if blas:
+            from threadpoolctl import threadpool_limits
+            load_blas()  # load the BLAS Numba calls now, so that the limit reaches it
+            with threadpool_limits(limits=1, user_api="blas"):
+                yield
+        else:
             yield
     finally:
         _LOCAL.governor = outer

@@ -150,12 +150,14 @@ class LanguageModel:
         chunks = generate(self._model, self.vocab, length, temperature=dec.temperature, prime=prime, seed=seed,
                           top_k=top_k, greedy=greedy, top_p=top_p, repetition_penalty=repetition_penalty,
                           stop=check_stops(stop), precision=precision)
-        # threads None: Numba's current setting (every core unless changed) as is; sampling calls no BLAS to
-        # limit, and `charlm sample` starts faster without threadpoolctl
-        return chunks if self._threads is None else self._on_threads(chunks)
+        # the compiled sampler calls no BLAS: without threads given, `charlm sample` starts faster
+        # without threadpoolctl; the parts and the thread governor (charlm.runtime) apply either way
+        compiled = self.config.softmax == "full"
+        return self._on_threads(chunks, blas=not compiled or self._threads is not None)
 
-    def _on_threads(self, chunks: Iterator[str]) -> Iterator[str]:
-        with self._compute():  # held from the first chunk to the last
+    def _on_threads(self, chunks: Iterator[str], blas: bool = True) -> Iterator[str]:
+        from ..runtime import compute_threads
+        with compute_threads(self._threads, blas=blas):  # held from the first chunk to the last
             yield from chunks
 
     def generate(self, prime: str = "", length: int = 500, temperature: float = 0.8, seed: int | None = None,
