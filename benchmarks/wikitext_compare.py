@@ -14,6 +14,7 @@ improving (--lr-schedule plateau), batch 32. PyTorch's (benchmarks/wikitext_pyto
 example): tied full softmax, dropout 0.2, SGD 20, clip 0.25, the rate divided by 4 after an epoch
 without improvement, batch 20.
 
+`--optimizer sgd` takes PyTorch's optimizer settings instead (SGD at 20, clipping 0.25, batch 20).
 `--alone` runs charlm only, on `--threads` (2) threads: the whole machine for one run, as a user would
 (PyTorch's row is then not measured). `--schedule cosine` anneals over the time budget instead of plateau
 (charlm estimates the steps the budget holds after a tenth of it). `--no-dynamic` skips dynamic evaluation.
@@ -32,9 +33,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "corpora" / "wikitext-2"
 RECIPE = ["--level", "word", "--max-vocab", "100000", "--embed", "200", "--hidden", "200", "--layers", "2",
-          "--seq-len", "35", "--batch", "32", "--softmax", "adaptive", "--cutoffs", "2000,10000",
-          "--dropout", "0.2", "--dropout-in", "0.2", "--dropout-out", "0.2", "--lr", "2e-3",
+          "--seq-len", "35", "--softmax", "adaptive", "--cutoffs", "2000,10000",
+          "--dropout", "0.2", "--dropout-in", "0.2", "--dropout-out", "0.2",
           "--eval-every", "1500", "--sample-length", "0"]
+OPTIMIZERS = {  # --optimizer: charlm's recipe's optimizer and batch
+    "adam": ["--optimizer", "adam", "--lr", "2e-3", "--batch", "32"],
+    # PyTorch's word_language_model settings: SGD at 20, clipping at 0.25, batch 20
+    "sgd": ["--optimizer", "sgd", "--lr", "20", "--clip", "0.25", "--batch", "20"],
+}
 
 
 def charlm(*args: str) -> list[dict]:
@@ -51,9 +57,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="threads per side (default: 1, or 2 with --alone)")
     ap.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau")
     ap.add_argument("--no-dynamic", action="store_true")
+    ap.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam")
     args = ap.parse_args()
     threads = str(args.threads or (2 if args.alone else 1))
-    recipe = [*RECIPE, "--lr-schedule", args.schedule]
+    recipe = [*RECIPE, *OPTIMIZERS[args.optimizer], "--lr-schedule", args.schedule]
     if not (args.data / "train.txt").is_file():
         print(json.dumps({"skipped": f"no corpus at {args.data}"}))
         return 0
@@ -77,7 +84,7 @@ def main() -> int:
     dyn_args = ["--dynamic"] + (["--dynamic-lr", str(args.dynamic_lr)] if args.dynamic_lr is not None else [])
     dynamic = None if args.no_dynamic else charlm("eval", test, "--model", str(run), "--json", "--threads", "2",
                                                   *dyn_args)[-1]
-    rows = [(f"charlm (adaptive, dropout, Adam + {args.schedule})", done["tokens_per_s"], done["steps"],
+    rows = [(f"charlm (adaptive, dropout, {args.optimizer} + {args.schedule})", done["tokens_per_s"], done["steps"],
              done["best_val_ppl"], static["perplexity"])]
     if dynamic:
         rows.append(("charlm, dynamic evaluation", None, None, None, dynamic["perplexity"]))

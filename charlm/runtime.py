@@ -153,7 +153,9 @@ class ThreadChoice:
     FIRST_PROBE = 2.0   # seconds of work before the first probe
     AFTER_SWITCH = 8.0  # and after a switch (the count just left lost: not again at once)
     MAX_INTERVAL = 60.0
-    SLOWER = 1.5        # a piece this much slower than the median brings the probe forward
+    SLOWER = 1.5        # a piece this much slower than the median brings the probe forward; a probe's piece
+                        # this much slower than the kept median ends the probe there (it lost: a stalled
+                        # piece can cost ten of the others)
     BETTER = 0.95       # a probe wins when its median is below this share of the kept one
 
     def __init__(self, n: int, adaptive: bool = True, clock: Callable[[], float] = time.perf_counter,
@@ -170,6 +172,7 @@ class ThreadChoice:
         self.depth = 0
         self.switches = 0
         self.pieces = 0
+        self.probed = False                       # the first probe comes after the first timed piece
 
     def other(self) -> int:
         return 1 if self.current != 1 else self.parts
@@ -207,15 +210,18 @@ class ThreadChoice:
         if self.probing:
             self.times[n].append(per_unit)
             self.probing -= 1
+            if self.probing and per_unit > self.SLOWER * _median(kept):
+                self.probing = 0  # clearly slower: no need to pay for another such piece
             if not self.probing:
                 self._decide(now)
             return
         if len(kept) >= 3 and per_unit > self.SLOWER * _median(kept) and self.next_probe > now:
             self.next_probe = now  # a core may just have got busy (or free): look now
         kept.append(per_unit)
-        if len(kept) >= 3 and now >= self.next_probe:
+        if (len(kept) >= 3 and now >= self.next_probe) or not self.probed:
             self.times[self.other()].clear()  # the other count's old times say nothing of now
             self.probing = self.PROBE
+            self.probed = True
 
     def _decide(self, now: float) -> None:
         kept, probe = self.times[self.current], self.times[self.other()]

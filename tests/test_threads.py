@@ -237,3 +237,17 @@ def test_each_python_thread_has_its_own_governor():
         t.join()
         assert parts() == 2
     assert seen == {"inner": 1, "after": None}
+
+
+def test_on_a_busy_machine_a_fresh_governor_pays_for_few_stalled_pieces():
+    """A command that starts next to a hog: the first piece (not timed: it may compile) and one timed
+    piece run on two threads, then the probe moves to one; later probes of two threads stop after one
+    piece, since a stalled piece can cost many others."""
+    m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.8, 1: 0.09})
+    m.hog = True
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    used = pieces(m, gov, 1000)  # 90 simulated seconds
+    assert used[:2] == [2, 2] and gov.current == 1 and set(used[2:6]) == {1}
+    later = used[6:]
+    assert later.count(2) <= 6, later.count(2)  # single-piece probes at 8, 16, 32, 60 s...
+    assert m.t < 1.1 * 1000 * 0.09
