@@ -203,18 +203,23 @@ def main() -> int:
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
     ap.add_argument("--seconds", type=float, default=6.0, help="timed seconds per side (after its warm-up)")
     ap.add_argument("--no-idle", action="store_true", help="only the loaded rows")
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of: {', '.join(SIDES)}")
+    ap.add_argument("--merge", type=Path, help="a previous run's JSON line: sides not measured now are taken from it")
     args = ap.parse_args()
     paths = [p for p in args.paths.split(",") if p]
+    sides = [s for s in args.sides.split(",") if s]
     if len(os.sched_getaffinity(0)) < 2:
         print(json.dumps({"skipped": "needs 2 cores"}))
         return 0
     results: dict = {}
+    if args.merge:
+        results = json.loads(args.merge.read_text().strip().splitlines()[-1])["results"]
     for condition in (["hog"] if args.no_idle else ["idle", "hog"]):
         for path in paths:
             h = hog() if condition == "hog" else None
             try:
                 time.sleep(0.5 if h else 0)
-                for side in SIDES:
+                for side in sides:
                     r = measure(path, side, args.seconds)
                     results.setdefault(path, {}).setdefault(condition, {})[side] = r
                     print(json.dumps({"path": path, "condition": condition, "side": side, **r}), flush=True)
@@ -227,6 +232,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for path, by in results.items():
         for condition, r in by.items():
+            if any(s not in r for s in SIDES):
+                continue
             ours = r["charlm"]["tokens_per_s"]
             kept = ",".join(sorted(set(map(str, r["charlm"]["threads_kept"].values())))) or "-"
             print(f"| {path} | {condition} | {ours:,.0f} ({kept}) | {r['charlm 1 thread']['tokens_per_s']:,.0f} | "
