@@ -140,7 +140,7 @@ class ThreadChoice:
     token sampled, a token scored), keeps the recent times of the thread count in use, and now and
     then runs a few pieces on the other count (a probe). The faster count, by the medians of the
     times, is kept; a probe that loses doubles the time to the next (from 2 s, or 8 s after a switch, up to
-    60 s), so the loser costs little; a piece much slower than the recent ones (a core just got busy) brings the next
+    60 s; at least 20 times what the probe cost), so the loser costs little; a piece much slower than the recent ones (a core just got busy) brings the next
     probe forward. Parts stay fixed (compute_threads' n): with one thread, the one thread runs every
     part in turn, so the numbers are the same bit for bit and only the speed changes.
 
@@ -157,6 +157,7 @@ class ThreadChoice:
                         # this much slower than the kept median ends the probe there (it lost: a stalled
                         # piece can cost ten of the others)
     BETTER = 0.95       # a probe wins when its median is below this share of the kept one
+    COST_SHARE = 0.05   # a lost probe's extra seconds: at most this share of the time to the next probe
 
     def __init__(self, n: int, adaptive: bool = True, clock: Callable[[], float] = time.perf_counter,
                  set_threads: Callable[[int], None] | None = None):
@@ -173,6 +174,7 @@ class ThreadChoice:
         self.switches = 0
         self.pieces = 0
         self.probed = False                       # the first probe comes after the first timed piece
+        self.lost = 0.0                           # seconds the running probe cost over the kept count
 
     def other(self) -> int:
         return 1 if self.current != 1 else self.parts
@@ -198,10 +200,10 @@ class ThreadChoice:
             yield
         finally:
             self.depth -= 1
-            self.record(n, (self.clock() - t0) / max(units, 1e-9), t0)
+            self.record(n, (self.clock() - t0) / max(units, 1e-9), t0, units)
 
-    def record(self, n: int, per_unit: float, now: float) -> None:
-        """A piece ran on n threads at per_unit seconds a unit (started at clock time now)."""
+    def record(self, n: int, per_unit: float, now: float, units: float = 1.0) -> None:
+        """A piece of `units` units ran on n threads at per_unit seconds a unit (started at clock time now)."""
         self.pieces += 1
         if self.pieces == 1:  # the first piece compiles or fills caches: not a speed
             self.next_probe = now + self.interval
@@ -209,6 +211,7 @@ class ThreadChoice:
         kept = self.times[self.current]
         if self.probing:
             self.times[n].append(per_unit)
+            self.lost += max(0.0, (per_unit - _median(kept)) * units)
             self.probing -= 1
             if self.probing and per_unit > self.SLOWER * _median(kept):
                 self.probing = 0  # clearly slower: no need to pay for another such piece
@@ -232,8 +235,9 @@ class ThreadChoice:
             for t in probe:
                 kept.append(t)
             self.interval = self.AFTER_SWITCH
-        else:
-            self.interval = min(2 * self.interval, self.MAX_INTERVAL)
+        else:  # lost: wait twice as long, and long enough that probes cost at most COST_SHARE of the time
+            self.interval = min(max(2 * self.interval, self.lost / self.COST_SHARE), self.MAX_INTERVAL)
+        self.lost = 0.0
         self.next_probe = now + self.interval
 
 

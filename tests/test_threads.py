@@ -251,3 +251,15 @@ def test_on_a_busy_machine_a_fresh_governor_pays_for_few_stalled_pieces():
     later = used[6:]
     assert later.count(2) <= 6, later.count(2)  # single-piece probes at 8, 16, 32, 60 s...
     assert m.t < 1.1 * 1000 * 0.09
+
+
+def test_probes_of_a_stalled_count_cost_a_small_share_of_long_pieces():
+    """Pieces of 0.4 s that stall to 1.6 s on two threads: each lost probe costs 1.2 s, so the next waits
+    at least 24 s (COST_SHARE 5 %): over five minutes the probes cost under 6 % of one thread's time."""
+    m = Machine(idle={2: 0.2, 1: 0.4}, loaded={2: 1.6, 1: 0.4})
+    m.hog = True
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    pieces(m, gov, 10)
+    t0, n = m.t, 750  # 300 s on one thread
+    pieces(m, gov, n)
+    assert gov.current == 1 and m.t - t0 < 1.06 * n * 0.4
