@@ -426,9 +426,9 @@ def _always_nonfinite_after(monkeypatch, good_steps: int):
     calls = []
     real = train_mod.grad_norm
 
-    def norm(grads):
+    def norm(grads, rows=None):
         calls.append(1)
-        return float("nan") if len(calls) > good_steps else real(grads)
+        return float("nan") if len(calls) > good_steps else real(grads, rows)
     monkeypatch.setattr(train_mod, "grad_norm", norm)
 
 
@@ -469,12 +469,12 @@ def test_an_update_that_overflows_the_weights_is_rolled_back_to_good_weights(tmp
     real = train_mod.make_optimizer
     poisoned = []
 
-    def make(name, params):
-        opt = real(name, params)
+    def make(name, params, **kw):
+        opt = real(name, params, **kw)
         step = opt.step
 
-        def poisoning_step(params, grads, lr, gscale=1.0):
-            step(params, grads, lr, gscale)
+        def poisoning_step(params, grads, lr, gscale=1.0, rows=None):
+            step(params, grads, lr, gscale, rows)
             if opt.t == 4 and not poisoned:  # the 4th update: a snapshot is due at that step
                 poisoned.append(1)
                 params["decoder.bias"][0] = np.inf

@@ -360,7 +360,7 @@ def test_help_states_each_default(run_cli):
                           ("--div-value", "4.0")]:
         assert f"[default: {default}]" in blocks[flag], (flag, blocks.get(flag))
     assert "2000,10000,50000 below the vocabulary size" in blocks["--cutoffs"]
-    assert "--minutes budget alone is refused" in blocks["--lr-schedule"]
+    assert "with a time budget alone, over the steps it is estimated to hold" in blocks["--lr-schedule"]
 
 
 # ------------------------------------------------------------------ more than one process

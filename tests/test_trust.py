@@ -312,12 +312,12 @@ def test_resume_is_exact_through_a_guard_restore_after_the_resume_point(tmp_path
     monkeypatch.setattr(train_mod, "SNAPSHOT_EVERY", 2)
     real = train_mod.make_optimizer
 
-    def make(name, params):
-        opt = real(name, params)
+    def make(name, params, **kw):
+        opt = real(name, params, **kw)
         step = opt.step
 
-        def poisoning_step(params, grads, lr, gscale=1.0):
-            step(params, grads, lr, gscale)
+        def poisoning_step(params, grads, lr, gscale=1.0, rows=None):
+            step(params, grads, lr, gscale, rows)
             if opt.t == 6 and np.isfinite(params["decoder.bias"]).all() and lr == 0.01:
                 params["decoder.bias"][0] = np.inf
         opt.step = poisoning_step
@@ -487,9 +487,9 @@ def test_the_stop_advice_does_not_suggest_the_clip_already_in_use(tmp_path, monk
     calls = []
     real = train_mod.grad_norm
 
-    def norm(grads):
+    def norm(grads, rows=None):
         calls.append(1)
-        return float("nan") if len(calls) > 2 else real(grads)
+        return float("nan") if len(calls) > 2 else real(grads, rows)
     monkeypatch.setattr(train_mod, "grad_norm", norm)
     with pytest.raises(CharlmError) as e:
         list(train_mod.train(tiny_text(), ModelConfig(cell="rnn", embed=4, hidden=8, layers=1),

@@ -44,6 +44,7 @@ from .models import build_model, create_model
 from ..runtime import thread_report
 from .schedule import Schedule, scheduled_lr
 from .score import safe_exp
+from .guard import guard_of as _guard_of, guard_record, restore as _restore, snapshot as _snapshot
 from .precompile import warm_up
 from .start import Source, Start, build_vocab, new_run, resumed
 
@@ -393,17 +394,7 @@ class _Trainer:
         return scheduled_lr(self.cfg, self.run.lr, step, self.run.sched.horizon)
 
     def _guard_record(self) -> dict:
-        """The guard's state as a checkpoint keeps it: its counters, and its snapshot unless that is
-        the checkpoint's own weights (taken at this very step, as at the start of a session)."""
-        snap = self.snapshot
-        if not snap:
-            return {}
-        guard = {"step": snap["step"], "t": snap["t"], "halvings": self.halvings, "nonfinite_run": self.nonfinite_run}
-        if snap["step"] == self.run.step and snap["t"] == self.opt.t:
-            return {"guard": guard}
-        arrays = {f"param/{n}": a for n, a in snap["params"].items()}
-        arrays.update({f"opt/{n}": a for n, a in snap["opt"].items()})
-        return {"guard": guard, "guard_arrays": arrays}
+        return guard_record(self.snapshot, self.halvings, self.nonfinite_run, self.run.step, self.opt.t)
 
     def _save(self, path: Path) -> Iterator[dict]:
         model, run, s = self.model, self.run, self.s
@@ -444,31 +435,3 @@ class _Trainer:
 
 
 SNAPSHOT_EVERY = 100
-
-
-def _snapshot(model: BaseModel, opt, state, step: int = 0) -> dict:
-    """In-memory copy of the last good weights and optimizer state."""
-    return {"step": step, "params": {k: v.copy() for k, v in model.trainable.items()},
-            "opt": {k: v.copy() for k, v in opt.state_arrays().items()}, "t": opt.t}
-
-
-def _guard_of(ck: ckpt_mod.Checkpoint, own: dict) -> tuple[dict, int, int]:
-    """The guard a checkpoint saved: (its snapshot, else `own`, the checkpoint's weights; halvings;
-    non-finite steps in a row)."""
-    g = ck.guard
-    snapshot = own
-    if ck.guard_arrays:
-        snapshot = {"step": g["step"], "t": g["t"],
-                    "params": {n[6:]: a.copy() for n, a in ck.guard_arrays.items() if n.startswith("param/")},
-                    "opt": {n[4:]: a.copy() for n, a in ck.guard_arrays.items() if n.startswith("opt/")}}
-    return snapshot, int(g.get("halvings", 0)), int(g.get("nonfinite_run", 0))
-
-
-def _restore(snapshot: dict, model: BaseModel, opt, streams: int):
-    """Put the snapshot back; returns a zero hidden state for `streams` streams."""
-    for k, v in snapshot["params"].items():
-        model.params[k][...] = v
-    for k, v in opt.state_arrays().items():
-        v[...] = snapshot["opt"][k]
-    opt.t = snapshot["t"]
-    return model.zero_state(streams)
