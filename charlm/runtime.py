@@ -229,11 +229,8 @@ class ThreadChoice:
     def _decide(self, now: float) -> None:
         kept, probe = self.times[self.current], self.times[self.other()]
         if _median(probe) < self.BETTER * _median(kept):
-            self.current = self.other()
+            self.current = self.other()  # its times so far: the probe's
             self.switches += 1
-            kept.clear()
-            for t in probe:
-                kept.append(t)
             self.interval = self.AFTER_SWITCH
         else:  # lost: wait twice as long, and long enough that probes cost at most COST_SHARE of the time
             self.interval = min(max(2 * self.interval, self.lost / self.COST_SHARE), self.MAX_INTERVAL)
