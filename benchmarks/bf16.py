@@ -26,6 +26,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from torch_ref import lstmcell_sampler  # noqa: E402
+
 SHAKESPEARE = ROOT / "corpora" / "tinyshakespeare" / "input.txt"
 
 
@@ -75,20 +78,7 @@ def speed(threads: int, repeats: int) -> list[dict]:
     with compute_threads(threads):
         for H in (256, 512):
             m = Model.create(ModelConfig(cell="lstm", vocab_size=V, embed=E, hidden=H, layers=2), seed=0)
-            emb, dec = torch.nn.Embedding(V, E), torch.nn.Linear(H, V)
-            cells = [torch.nn.LSTMCell(E, H), torch.nn.LSTMCell(H, H)]
-
-            def torch_loop():
-                with torch.no_grad():
-                    hs = [(torch.zeros(1, H), torch.zeros(1, H)) for _ in cells]
-                    tok = torch.tensor([0])
-                    for _ in range(n):
-                        x = emb(tok)
-                        for k, c in enumerate(cells):
-                            hs[k] = c(x, hs[k])
-                            x = hs[k][0]
-                        tok = torch.multinomial(torch.softmax(dec(x) / 0.8, -1), 1)[0]
-
+            torch_loop = lstmcell_sampler(torch, V, E, H, n)
             sides = {"float32": lambda: "".join(generate(m, vocab, n, seed=0)),
                      "bf16": lambda: "".join(generate(m, vocab, n, seed=0, precision="bf16")),
                      "torch": torch_loop}

@@ -96,22 +96,9 @@ def charlm_work(path: str):
 def torch_work(path: str):
     import torch
     if path.startswith("sample"):
-        H, V, E = int(path[len("sample"):]), 65, 64
-        emb, dec = torch.nn.Embedding(V, E), torch.nn.Linear(H, V)
-        cells = [torch.nn.LSTMCell(E, H), torch.nn.LSTMCell(H, H)]
+        from torch_ref import lstmcell_sampler  # benchmarks/, this script's folder
         n = 512
-
-        def loop():
-            with torch.no_grad():
-                hs = [(torch.zeros(1, H), torch.zeros(1, H)) for _ in cells]
-                tok = torch.tensor([0])
-                for _ in range(n):
-                    x = emb(tok)
-                    for k, c in enumerate(cells):
-                        hs[k] = c(x, hs[k])
-                        x = hs[k][0]
-                    tok = torch.multinomial(torch.softmax(dec(x) / 0.8, -1), 1)[0]
-        return loop, n
+        return lstmcell_sampler(torch, 65, 64, int(path[len("sample"):]), n), n
     if path in ("score", "eval"):
         text = _text(20_000 if path == "score" else 100_000)
         chars = sorted(set(text))

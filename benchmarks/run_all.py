@@ -32,6 +32,8 @@ from charlm.data import Vocab  # noqa: E402
 from charlm.lm.model import Model  # noqa: E402
 from charlm.optim import SGD, Adam, clip_scale, grad_norm  # noqa: E402
 
+from torch_ref import lstmcell_sampler  # noqa: E402  (benchmarks/, this script's folder)
+
 SHAKESPEARE = ROOT.parent / "shared" / "corpora" / "tinyshakespeare" / "input.txt"
 
 
@@ -178,21 +180,7 @@ def bench_sample(torch, repeats, quick):
         n = 200 if quick else 1000
         m = Model.create(ModelConfig(cell="lstm", vocab_size=V, embed=E, hidden=H, layers=2), seed=0)
         "".join(generate(m, vocab, 10, seed=0))
-        emb = torch.nn.Embedding(V, E)
-        cells = [torch.nn.LSTMCell(E, H), torch.nn.LSTMCell(H, H)]
-        dec = torch.nn.Linear(H, V)
-
-        def torch_loop():
-            with torch.no_grad():
-                hs = [(torch.zeros(1, H), torch.zeros(1, H)) for _ in cells]
-                tok = torch.tensor([0])
-                for _ in range(n):
-                    x = emb(tok)
-                    for k, c in enumerate(cells):
-                        hs[k] = c(x, hs[k])
-                        x = hs[k][0]
-                    p = torch.softmax(dec(x) / 0.8, -1)
-                    tok = torch.multinomial(p, 1)[0]
+        torch_loop = lstmcell_sampler(torch, V, E, H, n)
         torch_loop()
         t_ours, t_theirs = paired_medians(lambda: "".join(generate(m, vocab, n, seed=0, chunk=256)), torch_loop,
                                           repeats)

@@ -186,20 +186,16 @@ class ThreadChoice:
     @contextmanager
     def run(self, units: float = 1.0):
         if not self.adaptive or self.depth:  # nested pieces are part of the outer one
-            self.depth += 1
-            try:
+            with _nested(self):
                 yield
-            finally:
-                self.depth -= 1
             return
         n = self.threads()
         self._set(n)
-        self.depth += 1
         t0 = self.clock()
         try:
-            yield
+            with _nested(self):
+                yield
         finally:
-            self.depth -= 1
             self.record(n, (self.clock() - t0) / max(units, 1e-9), t0, units)
 
     def record(self, n: int, per_unit: float, now: float, units: float = 1.0) -> None:
@@ -257,19 +253,22 @@ class Governor:
 
     @contextmanager
     def run(self, units: float, kind):
-        if not self.adaptive or self.depth:  # nested pieces are part of the outer one
-            self.depth += 1
-            try:
+        if not self.adaptive or self.depth:  # nested pieces (of any kind) are part of the outer one
+            with _nested(self):
                 yield
-            finally:
-                self.depth -= 1
             return
-        self.depth += 1
-        try:
-            with self.choice(kind).run(units):
-                yield
-        finally:
-            self.depth -= 1
+        with _nested(self), self.choice(kind).run(units):
+            yield
+
+
+@contextmanager
+def _nested(owner):
+    """owner.depth raised for the duration: pieces started inside are not pieces of their own."""
+    owner.depth += 1
+    try:
+        yield
+    finally:
+        owner.depth -= 1
 
 
 def _set_numba_threads(n: int) -> None:
