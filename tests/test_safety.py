@@ -592,6 +592,32 @@ def test_a_second_signal_stops_at_once_and_loses_nothing_saved(tmp_path, signum)
     checkpoint.load(latest)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_after_the_run_has_stopped_exits_quietly(tmp_path, signum):
+    """The second signal of the test above can come after training has stopped (a loaded machine
+    delays the first one's delivery): while the stop is reported or Python shuts down. It must end
+    the process with 128 + signum and no traceback, not raise KeyboardInterrupt into shutdown code."""
+    script = f"""
+import os, signal, time, weakref
+from charlm.cli.common import StopFlag
+class Held: pass
+held = Held()
+weakref.finalize(held, time.sleep, 0.5)   # shutdown code the second signal lands in
+with StopFlag() as stop:
+    os.kill(os.getpid(), {int(signum)})
+    while not stop():
+        time.sleep(0.001)
+os.kill(os.getpid(), {int(signum)})      # after the run: the old handlers would raise here
+time.sleep(5)
+raise SystemExit(0)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env=_env())
+    assert proc.returncode == 128 + signum, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"interrupted by a second {signal.Signals(signum).name}" in proc.stderr
+
+
 def test_kill_9_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path):
     """SIGKILL a training process (one save per step, so many moments are inside a checkpoint
     write) at 20 random moments, restarting it with --resume each time: after every kill the last

@@ -92,8 +92,25 @@ class StopFlag:
         return bool(self.signum)
 
     def __exit__(self, *exc):
+        # once a signal has asked the run to stop, the process is on its way out: a second signal
+        # that comes now (while the checkpoint is reported or Python shuts down) ends it at once
+        # and quietly, as during the run; restoring the old handler would raise KeyboardInterrupt
+        # into whatever shutdown code is running and print its traceback
         for s, h in self._old.items():
-            signal.signal(s, h)
+            signal.signal(s, _exit_now if self.signum else h)
+
+
+def _exit_now(signum, frame):
+    """A second signal after the run has stopped (its checkpoint is saved): exit 128 + signum."""
+    import os
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: nothing more to say
+            pass
+    os.write(2, f"interrupted by a second {signal.Signals(signum).name}\n".encode())
+    os._exit(128 + signum)
 
 
 
