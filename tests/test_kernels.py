@@ -561,6 +561,33 @@ def test_stack_sample_draws_match_reference(cell, L, rng):
     assert len(set(out.tolist())) > 1  # a real draw, not a constant
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, "bf16"])
+def test_batch1_products_match_numpy_for_every_row_count(dtype, rng):
+    """The sampler's products take weight rows four at a time with a remainder of 0-3 and, for the
+    output layer, a window [v0, v1) of the columns: each against NumPy (bf16: on the widened weights)."""
+    for D in (1, 2, 3, 4, 5, 7, 8, 13):
+        K = 37
+        W = rng.standard_normal((D, K))
+        x = rng.standard_normal(D)
+        b = rng.standard_normal(K)
+        if dtype == "bf16":
+            stored = sample.to_bf16(W.astype(np.float32))
+            W, x, b = sample.from_bf16(stored).astype(np.float64), x.astype(np.float32), b.astype(np.float32)
+            ft, tol = np.float32, 1e-5
+        else:
+            stored = W.astype(dtype)
+            x, b, ft = x.astype(dtype), b.astype(dtype), dtype
+            tol = 1e-12 if dtype == np.float64 else 1e-5
+        out = np.full(K, np.nan, ft)
+        sample._matvec_t(out, x, stored, b)
+        expect = b.astype(np.float64) + x.astype(np.float64) @ W
+        np.testing.assert_allclose(out, expect, rtol=tol, atol=tol * D)
+        logits = np.full(K, np.nan, ft)
+        sample._decode_range(logits, x, stored, b, 5, 30)
+        np.testing.assert_allclose(logits[5:30], expect[5:30], rtol=tol, atol=tol * D)
+        assert np.isnan(logits[:5]).all() and np.isnan(logits[30:]).all()  # outside the window: untouched
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_stack_sample_is_reproducible_and_chunkable(cell, rng):
     L = 2
