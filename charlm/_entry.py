@@ -10,6 +10,9 @@ start, so a long `eval` or `sample` never runs without it. Library users and tes
 importing charlm.cli are untouched.
 """
 import gc
+import os
+import signal
+import sys
 import threading
 
 from .runtime import gc_on
@@ -26,8 +29,20 @@ def main() -> None:
         from .cli.app import main as cli_main  # Ctrl-C while this imports (~0.5 s) is no traceback either
         cli_main()
     except KeyboardInterrupt:
-        import sys
         sys.stderr.write("interrupted\n")
         sys.exit(130)
     finally:
         timer.cancel()
+        # the command is over; Python now shuts down (atexit, weakref finalizers, module teardown).
+        # A Ctrl-C landing there would raise KeyboardInterrupt into that code and print its
+        # traceback: end the process at once instead, with what it has written flushed
+        signal.signal(signal.SIGINT, _exit_quietly)
+
+
+def _exit_quietly(signum, frame):
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: nothing more to say
+            pass
+    os._exit(128 + signum)

@@ -618,6 +618,30 @@ raise SystemExit(0)
     assert f"interrupted by a second {signal.Signals(signum).name}" in proc.stderr
 
 
+def test_ctrl_c_while_python_shuts_down_after_a_command_is_no_traceback(tmp_path):
+    """A command has finished (here `charlm --version`) and Python is running its exit-time code (a
+    weakref finalizer that takes a while, as Numba's dispatchers have) when Ctrl-C comes: exit 130 with
+    what was printed kept, and no KeyboardInterrupt traceback from inside the finalizer."""
+    script = """
+import sys, time, weakref
+class Held: pass
+held = Held()
+weakref.finalize(held, time.sleep, 5)
+sys.argv = ["charlm", "--version"]
+from charlm._entry import main
+main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # the command's output: it is done, the finalizer runs next
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert "charlm" in first + rest
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
 def test_kill_9_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path):
     """SIGKILL a training process (one save per step, so many moments are inside a checkpoint
     write) at 20 random moments, restarting it with --resume each time: after every kill the last
