@@ -19,7 +19,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from charlm.config import ModelConfig  # noqa: E402
-from charlm.kernels import layers  # noqa: E402
 from charlm.lm.model import _CELL_KERNELS, Model  # noqa: E402
 from charlm.runtime import compute_threads
 from charlm.optim import Adam, grad_norm  # noqa: E402
@@ -75,16 +74,13 @@ def main() -> int:
                 dx, g[f"rnn.weight_ih_l{k}"], g[f"rnn.weight_hh_l{k}"], g[f"rnn.bias_ih_l{k}"], g[f"rnn.bias_hh_l{k}"],
                 ws.dh0, ws.dc0, ws.dacts, ws.dacts_h, ws.dhs[k], ws.hs[k], ws.cs[k], ws.acts[k], inp,
                 p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"], parts), a.repeats)))
-        top = ws.hs[-1][1:].reshape(T * N, a.hidden)
-        rows.append(("  decoder forward", timed(lambda: layers.linear_forward(ws.logits, top, p["decoder.weight"],
-                                                                           p["decoder.bias"], parts), a.repeats)))
+        top = np.ascontiguousarray(ws.hs[-1][1:].reshape(T * N, a.hidden))
         tg = y.reshape(-1)
-        rows.append(("  softmax + cross-entropy", timed(lambda: layers.softmax_xent_forward(ws.logits, ws.logits, tg, parts),
-                                                         a.repeats)))
-        d = ws.dhs[-1].reshape(T * N, a.hidden)
-        rows.append(("  decoder backward", timed(lambda: layers.linear_backward(d, grads["decoder.weight"],
-                                                                             grads["decoder.bias"], ws.logits, top,
-                                                                             p["decoder.weight"], parts), a.repeats)))
+        head = m.head
+        rows.append(("  output head forward (loss)", timed(lambda: head.loss(p, top, tg, parts), a.repeats)))
+        dtop = np.empty_like(top)
+        rows.append(("  output head forward + backward", timed(
+            lambda: head.loss_and_backward(p, top, tg, 1.0 / tg.size, dtop, grads, parts), a.repeats)))
         rows.append(("gradient norm", timed(lambda: grad_norm(grads), a.repeats)))
         rows.append(("Adam step", timed(lambda: opt.step(m.params, grads, 1e-9), a.repeats)))
     step = total + rows[-1][1] + rows[-2][1]

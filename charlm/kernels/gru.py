@@ -20,7 +20,7 @@ from numba import njit, prange
 
 from .fastmath import act_sigmoid, act_tanh
 from .layers import proj_backward, proj_forward
-from .parallel import JIT, PJIT, chunk, n_parts, pack_unit_rows, state_T, transpose_into, unit_parts, unit_product
+from .parallel import JIT, PJIT, chunk, gate_product, n_parts, state_T, transpose_into, unit_parts
 
 
 @njit(**JIT)
@@ -70,7 +70,6 @@ def _gru_recur_by_units(hs, acts, ax_all, Whh, bih, bhh, nc):
     gates and computes its rows of W_hh h^T."""
     T, N, G3 = ax_all.shape
     H = hs.shape[2]
-    Wp = pack_unit_rows(Whh, nc)
     wmax = (H + nc - 1) // nc
     recT = np.empty((nc, 3 * wmax * N), dtype=acts.dtype)
     ah = np.empty((N, G3), dtype=acts.dtype)  # each part writes its own columns
@@ -79,7 +78,7 @@ def _gru_recur_by_units(hs, acts, ax_all, Whh, bih, bhh, nc):
         for c in prange(nc):
             j0, j1 = chunk(c, nc, H)
             w = j1 - j0
-            rT = unit_product(Wp[c, :3 * w], hT[t % 2], recT[c])  # (3w, N)
+            rT = gate_product(Whh, 3, j0, j1, hT[t % 2], recT[c])  # (3w, N)
             ax = ax_all[t]
             for g in range(3):
                 transpose_into(ah[:, g * H + j0:g * H + j1], rT[g * w:(g + 1) * w])

@@ -18,8 +18,8 @@ from numba import njit, prange
 
 from .fastmath import act_sigmoid, act_tanh
 from .layers import proj_backward, proj_forward
-from .parallel import (JIT, PJIT, chunk, dot_rows, pack_unit_rows, small_rows, state_T, transpose_into,
-                       unit_parts, unit_product)
+from .parallel import (JIT, PJIT, chunk, copy_row, dot_rows, gate_product, small_rows, state_T, transpose_into,
+                       unit_parts)
 
 
 @njit(**JIT)
@@ -73,7 +73,7 @@ def lstm_step_forward(hout, cout, act, x, h, c, Wih, Whh, bih, bhh):
 @njit(**JIT)
 def _lstm_cell_units(hout, cout, a, recT, rec, bias, c, H, j0, j1):
     """Add the recurrent part recT (4w, N) (transposed: the gate blocks of units
-    [j0, j1) in pack_unit_rows order, one row per unit) and the bias (4H,) into
+    [j0, j1) in gate_product's order, one row per unit) and the bias (4H,) into
     a (N, 4H), then lstm_cell on those units. rec (N, 4w) is work space."""
     N = a.shape[0]
     w = j1 - j0
@@ -101,24 +101,23 @@ def _lstm_recur_by_units(hs, cs, acts, Whh, bias, nc):
     BENCHMARKS.md."""
     T, N, _ = acts.shape
     H = hs.shape[2]
-    Wp = pack_unit_rows(Whh, nc)
     wmax = (H + nc - 1) // nc
     recT = np.empty((nc, N * 4 * wmax), dtype=acts.dtype)
     rec = np.empty((nc, N * 4 * wmax), dtype=acts.dtype)
     hT = state_T(hs[0])
     for t in range(T):
         for c in prange(nc):
-            _recur_part(t, np.int64(c), nc, hs, cs, acts, Wp, bias, hT, recT, rec)
+            _recur_part(t, np.int64(c), nc, hs, cs, acts, Whh, bias, hT, recT, rec)
 
 
 @njit(**JIT)
-def _recur_part(t, c, nc, hs, cs, acts, Wp, bias, hT, recT, rec):
+def _recur_part(t, c, nc, hs, cs, acts, Whh, bias, hT, recT, rec):
     """Step t of _lstm_recur_by_units for part c of nc (its units [j0, j1)); a call as the whole
     prange body (see _backrecur_part)."""
     N, H = hs.shape[1], hs.shape[2]
     j0, j1 = chunk(c, nc, H)
     w = j1 - j0
-    rT = unit_product(Wp[c, :4 * w], hT[t % 2], recT[c])  # (4w, N)
+    rT = gate_product(Whh, 4, j0, j1, hT[t % 2], recT[c])  # (4w, N)
     _lstm_cell_units(hs[t + 1], cs[t + 1], acts[t], rT, rec[c, :N * 4 * w].reshape(N, 4 * w),
                      bias, cs[t], H, j0, j1)
     transpose_into(hT[(t + 1) % 2, j0:j1], hs[t + 1, :, j0:j1])
@@ -190,19 +189,23 @@ def _lstm_cell_backward(da, dh, dc, act, c_prev, c, dh_above, H, j0, j1):
 
 @njit(**JIT)
 def _pack_unit_rows_t(Whh, nc):
-    """W_hh (4H, H) -> (nc, H 4wmax) flat: part c's rows (as pack_unit_rows
-    orders them) transposed, a contiguous (H, 4w) matrix at the start of row c."""
-    Wp = pack_unit_rows(Whh, nc)
+    """W_hh (4H, H) -> (nc, H 4wmax) flat: part c's rows (gate_product's order) transposed, a
+    contiguous (H, 4w) matrix at the start of row c. Each gate block of the part's rows (contiguous
+    in W_hh) goes through the tiled transpose into tmp, then into its columns: an element loop over
+    the strided transpose took 1.3 ms per 2x256 layer and step, 10 ms at 512 (benchmarks/profile_step.py)."""
     G4, H = Whh.shape
     wmax = (H + nc - 1) // nc
     out = np.zeros((nc, H * 4 * wmax), dtype=Whh.dtype)
+    tmp = np.empty(H * wmax, dtype=Whh.dtype)
     for c in range(nc):
         j0, j1 = chunk(c, nc, H)
         w = j1 - j0
         o = out[c, :H * 4 * w].reshape(H, 4 * w)
-        for r in range(4 * w):  # loops, not a slice assignment: see parallel.copy_row
+        t = tmp[:H * w].reshape(H, w)
+        for g in range(4):
+            transpose_into(t, Whh[g * H + j0:g * H + j1])  # (H, w)
             for k in range(H):
-                o[k, r] = Wp[c, r, k]
+                copy_row(o[k, g * w:(g + 1) * w], t[k])
     return out
 
 

@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from .fastmath import act_tanh
 from .layers import proj_backward, proj_forward
-from .parallel import JIT, PJIT, chunk, n_parts, state_T, transpose_into, unit_parts, unit_product
+from .parallel import JIT, PJIT, chunk, gate_product, n_parts, state_T, transpose_into, unit_parts
 
 
 @njit(**JIT)
@@ -41,7 +41,7 @@ def _rnn_recur_by_units(hs, acts, Whh, bias, nc):
         for c in prange(nc):
             j0, j1 = chunk(c, nc, H)
             w = j1 - j0
-            rT = unit_product(Whh[j0:j1], hT[t % 2], recT[c])  # (w, N)
+            rT = gate_product(Whh, 1, j0, j1, hT[t % 2], recT[c])  # (w, N)
             for n in range(N):
                 a = acts[t, n, j0:j1]
                 ho = hs[t + 1, n, j0:j1]
