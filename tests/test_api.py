@@ -116,6 +116,34 @@ def test_generate_with_a_seed_is_what_sample_prints(run_cli, run):
         assert len(text) == 40
 
 
+def test_a_loaded_model_packs_its_sampler_once_and_stays_exact(char_run, monkeypatch):
+    """charlm.load's model keeps the sampler's packed weights between calls (per precision and thread
+    split): the same text as a fresh model packing at every call, one pack per kind, and still the same
+    after dynamic evaluation (which changes the weights and puts them back)."""
+    import charlm.lm.model as model_mod
+    packs = []
+    real = model_mod.pack
+
+    def counting(*a, **k):
+        packs.append(k.get("precision", "float32"))
+        return real(*a, **k)
+    monkeypatch.setattr(model_mod, "pack", counting)
+    lm = charlm.load(char_run, threads=1)
+    texts = [lm.generate(prime="To", length=30, seed=s) for s in (1, 2, 3)]
+    assert packs == ["float32"]
+    assert lm.generate(prime="To", length=30, seed=1, precision="bf16") != ""
+    lm.generate(prime="To", length=30, seed=2, precision="bf16")
+    assert packs == ["float32", "bf16"]
+    fresh = charlm.load(char_run, threads=1)
+    fresh._model.sampler_cache = None  # a model without the cache packs at every call
+    assert [fresh.generate(prime="To", length=30, seed=s) for s in (1, 2, 3)] == texts
+    assert packs[2:] == ["float32"] * 3
+    lm.evaluate_text("To be, or not to be\n" * 3, dynamic=True, dynamic_lr=0.5)
+    assert lm.generate(prime="To", length=30, seed=1) == texts[0]  # the cached packing
+    lm._model.sampler_cache = None
+    assert lm.generate(prime="To", length=30, seed=1) == texts[0]  # packed anew: the weights are back
+
+
 def test_a_model_describes_itself(char_run):
     lm = charlm.load(char_run)
     assert lm.path == str(char_run / "best.npz") and lm.step == 3 and lm.level == "char"

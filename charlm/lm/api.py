@@ -58,6 +58,9 @@ class LanguageModel:
     def __init__(self, ckpt: checkpoint.Checkpoint, *, threads: int | None = None):
         self._ckpt = ckpt
         self._model = build_model(ckpt.model, ckpt.params)
+        # its weights never change for good (dynamic evaluation restores them): the sampler's packed
+        # copy is made once, not at every generate / stream / sample call
+        self._model.sampler_cache = {}
         self.threads = threads
 
     def __repr__(self) -> str:

@@ -78,6 +78,10 @@ class BaseModel:
         # only the rows it wrote last time into that same array, and touched() names the rows
         self.sparse_grads = False
         self._touched: tuple | None = None  # (weakref to the gradient array, its written rows)
+        # sampler_cache: None (the default), or a dict in which sampler() keeps what it prepares from
+        # the weights (the batch-1 sampler's packed copy) for the next call. Only for a model whose
+        # weights no longer change in place (charlm.load's LanguageModel sets it; training never does)
+        self.sampler_cache: dict | None = None
 
     def sparse_param(self) -> str | None:
         """The parameter whose gradient is zero outside the rows of a window's input ids (an input

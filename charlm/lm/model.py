@@ -273,8 +273,14 @@ class Model(BaseModel):
                                   f"--softmax {self.cfg.softmax}): drop --precision")
             return self._stepwise_sampler()
         n_parts = parts()
-        params = self.params if not self.cfg.tie else {**self.params, "decoder.weight": self.params["embedding.weight"]}
-        packed = pack(params, self.cfg.layers, parts=n_parts, precision=precision)
+        key = ("packed", precision, n_parts)
+        packed = None if self.sampler_cache is None else self.sampler_cache.get(key)
+        if packed is None:  # 7-10 ms for a 2x512 model: once per call, or once per model with a cache
+            params = self.params if not self.cfg.tie else {**self.params,
+                                                           "decoder.weight": self.params["embedding.weight"]}
+            packed = pack(params, self.cfg.layers, parts=n_parts, precision=precision)
+            if self.sampler_cache is not None:
+                self.sampler_cache[key] = packed
         code = CELL_CODES[self.cfg.cell]
 
         def step(out, lps, hs, cs, seen, feed, u, temperature, top_k, top_p, penalty, greedy):
