@@ -46,6 +46,32 @@ def test_sgd_on_the_rows_is_dense_sgd_bit_for_bit(rng):
         assert a[k].tobytes() == b[k].tobytes()
 
 
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-6), (np.float64, 1e-13)])
+def test_dense_adam_matches_a_float64_reference_over_several_steps(rng, dtype, rtol):
+    """Adam computes in the parameters' own precision (float32 as PyTorch's): three steps with
+    clipping scales against Kingma & Ba's update in float64, every element moving."""
+    shapes = {"a": (7, 5), "b": (13,)}
+    p0 = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+    p = {k: v.copy() for k, v in p0.items()}
+    opt = Adam(p)
+    ref = {k: v.astype(np.float64) for k, v in p0.items()}
+    m = {k: np.zeros(s) for k, s in shapes.items()}
+    v = {k: np.zeros(s) for k, s in shapes.items()}
+    b1, b2, eps, lr = 0.9, 0.999, 1e-8, 0.01
+    for t, scale in enumerate((1.0, 0.5, 0.8), start=1):
+        g = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+        opt.step(p, g, lr, scale)
+        for k in shapes:
+            gk = g[k].astype(np.float64) * scale
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk * gk
+            ref[k] -= lr / (1 - b1 ** t) * m[k] / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+    for k in shapes:
+        assert p[k].dtype == dtype
+        assert np.all(p[k] != p0[k])
+        np.testing.assert_allclose(p[k], ref[k], rtol=rtol, atol=rtol)
+
+
 def test_lazy_adam_matches_a_reference_and_leaves_other_rows_alone(rng):
     g1, rows1 = _sparse_grads(rng, rows=(1, 4, 9))
     g2, rows2 = _sparse_grads(rng, rows=(4, 5))

@@ -10,16 +10,27 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, gscale):
     """One fused Adam step on flat arrays p, g, m, v (K,), in place.
 
     g is multiplied by gscale first (gradient clipping); bc1 = 1 - beta1**t,
-    bc2 = 1 - beta2**t are the bias corrections.
+    bc2 = 1 - beta2**t are the bias corrections. The arithmetic is in the parameters'
+    own precision, as PyTorch's Adam (float32 for a float32 model: the float64 scalars
+    made every element's update float64, with a float64 square root and division,
+    3.6x slower here: 1.9 against 0.5 ms for a 2x256 char LSTM's 0.87 M parameters):
+    m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2;
+    p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps).
     """
-    step = lr / bc1
+    f = p.dtype.type
+    step = f(lr / bc1)
+    b1, b2 = f(beta1), f(beta2)
+    c1, c2 = f(1.0 - beta1), f(1.0 - beta2)
+    inv_sqrt_bc2 = f(1.0 / np.sqrt(bc2))
+    e = f(eps)
+    gs = f(gscale)
     for k in range(p.shape[0]):
-        gk = g[k] * gscale
-        mk = beta1 * m[k] + (1.0 - beta1) * gk
-        vk = beta2 * v[k] + (1.0 - beta2) * gk * gk
+        gk = g[k] * gs
+        mk = b1 * m[k] + c1 * gk
+        vk = b2 * v[k] + c2 * gk * gk
         m[k] = mk
         v[k] = vk
-        p[k] -= step * mk / (np.sqrt(vk / bc2) + eps)
+        p[k] -= step * mk / (np.sqrt(vk) * inv_sqrt_bc2 + e)
 
 
 @njit(**JIT)
