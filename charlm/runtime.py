@@ -140,8 +140,11 @@ class ThreadChoice:
     token sampled, a token scored), keeps the recent times of the thread count in use, and now and
     then runs a few pieces on the other count (a probe). The faster count, by the medians of the
     times, is kept; a probe that loses doubles the time to the next (from 2 s, or 8 s after a switch, up to
-    60 s; at least 20 times what the probe cost), so the loser costs little; a piece much slower than the recent ones (a core just got busy) brings the next
-    probe forward. Parts stay fixed (compute_threads' n): with one thread, the one thread runs every
+    60 s; at least 20 times what the probe cost), so the loser costs little. A piece that stalls (over
+    STALL times the recent median: a barrier waiting for a thread whose core another process took) brings
+    the next probe forward at once; merely slow pieces (over SLOWER times) do so only SLOW_RUN in a row: on
+    a shared host pieces are a little slow now and then for reasons a thread count does not change, and a
+    probe for each cost a few per cent of a training run (2x256 LSTM steps: 66 against 63 ms a step). Parts stay fixed (compute_threads' n): with one thread, the one thread runs every
     part in turn, so the numbers are the same bit for bit and only the speed changes.
 
     adaptive=False (CHARLM_ADAPTIVE_THREADS=0): always every thread, as before; for benchmarks that
@@ -153,9 +156,11 @@ class ThreadChoice:
     FIRST_PROBE = 2.0   # seconds of work before the first probe
     AFTER_SWITCH = 8.0  # and after a switch (the count just left lost: not again at once)
     MAX_INTERVAL = 60.0
-    SLOWER = 1.5        # a piece this much slower than the median brings the probe forward; a probe's piece
-                        # this much slower than the kept median ends the probe there (it lost: a stalled
-                        # piece can cost ten of the others)
+    STALL = 4.0         # a piece this much slower than the median brings the probe forward
+    SLOWER = 1.5        # and SLOW_RUN pieces in a row this much slower; a probe's piece this much slower
+                        # than the kept median ends the probe there (it lost: a stalled piece can cost ten
+                        # of the others)
+    SLOW_RUN = 3
     BETTER = 0.95       # a probe wins when its median is below this share of the kept one
     COST_SHARE = 0.05   # a lost probe's extra seconds: at most this share of the time to the next probe
 
@@ -175,6 +180,8 @@ class ThreadChoice:
         self.pieces = 0
         self.probed = False                       # the first probe comes after the first timed piece
         self.lost = 0.0                           # seconds the running probe cost over the kept count
+        self.slow = 0                             # kept-count pieces in a row over SLOWER x their median
+        self.probes = 0                           # probes started
 
     def other(self) -> int:
         return 1 if self.current != 1 else self.parts
@@ -214,13 +221,16 @@ class ThreadChoice:
             if not self.probing:
                 self._decide(now)
             return
-        if len(kept) >= 3 and per_unit > self.SLOWER * _median(kept) and self.next_probe > now:
+        median = _median(kept) if len(kept) >= 3 else float("inf")
+        self.slow = self.slow + 1 if per_unit > self.SLOWER * median else 0
+        if (per_unit > self.STALL * median or self.slow >= self.SLOW_RUN) and self.next_probe > now:
             self.next_probe = now  # a core may just have got busy (or free): look now
         kept.append(per_unit)
         if (len(kept) >= 3 and now >= self.next_probe) or not self.probed:
             self.times[self.other()].clear()  # the other count's old times say nothing of now
             self.probing = self.PROBE
             self.probed = True
+            self.probes += 1
 
     def _decide(self, now: float) -> None:
         kept, probe = self.times[self.current], self.times[self.other()]
