@@ -10,12 +10,11 @@ start, so a long `eval` or `sample` never runs without it. Library users and tes
 importing charlm.cli are untouched.
 """
 import gc
-import os
 import signal
 import sys
 import threading
 
-from .runtime import gc_on
+from .runtime import exit_now, gc_on
 
 START_UP_S = 1.5
 
@@ -36,13 +35,4 @@ def main() -> None:
         # the command is over; Python now shuts down (atexit, weakref finalizers, module teardown).
         # A Ctrl-C landing there would raise KeyboardInterrupt into that code and print its
         # traceback: end the process at once instead, with what it has written flushed
-        signal.signal(signal.SIGINT, _exit_quietly)
-
-
-def _exit_quietly(signum, frame):
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # a closed pipe: nothing more to say
-            pass
-    os._exit(128 + signum)
+        signal.signal(signal.SIGINT, exit_now)

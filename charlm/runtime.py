@@ -295,6 +295,20 @@ def _median(values) -> float:
 _LOCAL = threading.local()  # .governor: the Governor of this thread's compute_threads
 
 
+def exit_now(signum: int, frame=None, message: str = "") -> None:
+    """End the process at once with 128 + signum, what it has written flushed first (and message, if
+    any, on stderr): a signal handler for when Python may be shutting down, where an exception raised
+    into exit-time code (atexit, weakref finalizers) would print its traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: nothing more to say
+            pass
+    if message:
+        os.write(2, message.encode())
+    os._exit(128 + signum)
+
+
 def gc_on() -> None:
     """The cyclic garbage collector back on (the console script starts without it: see
     charlm._entry); what start-up created is frozen out of its later passes."""

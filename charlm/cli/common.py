@@ -102,16 +102,8 @@ class StopFlag:
 
 def _exit_now(signum, frame):
     """A second signal after the run has stopped (its checkpoint is saved): exit 128 + signum."""
-    import os
-    import sys
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # a closed pipe: nothing more to say
-            pass
-    os.write(2, f"interrupted by a second {signal.Signals(signum).name}\n".encode())
-    os._exit(128 + signum)
-
+    from ..runtime import exit_now
+    exit_now(signum, frame, f"interrupted by a second {signal.Signals(signum).name}\n")
 
 
 def strict_json(obj):
