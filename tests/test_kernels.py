@@ -579,11 +579,11 @@ def test_batch1_products_match_numpy_for_every_row_count(dtype, rng):
             x, b, ft = x.astype(dtype), b.astype(dtype), dtype
             tol = 1e-12 if dtype == np.float64 else 1e-5
         out = np.full(K, np.nan, ft)
-        sample._matvec_t(out, x, stored, b)
+        sample._affine(out, x, stored, b, np.int64(0), np.int64(K))
         expect = b.astype(np.float64) + x.astype(np.float64) @ W
         np.testing.assert_allclose(out, expect, rtol=tol, atol=tol * D)
         logits = np.full(K, np.nan, ft)
-        sample._decode_range(logits, x, stored, b, 5, 30)
+        sample._affine(logits, x, stored, b, np.int64(5), np.int64(30))
         np.testing.assert_allclose(logits[5:30], expect[5:30], rtol=tol, atol=tol * D)
         assert np.isnan(logits[:5]).all() and np.isnan(logits[30:]).all()  # outside the window: untouched
 

@@ -112,7 +112,7 @@ def pack(params: dict, layers: int, dtype=None, parts: int = 1, precision: str =
 # The first layer's input product of a token is a fixed vector per vocabulary entry. For a
 # small vocabulary pack() computes them all once (table (P, V, G wmax)): sampling then
 # reads one row per token instead of the E x 4H input weights (a 2x256 character LSTM:
-# 0.13 MB of the 1.66 MB each of two threads streams per token). Computed by _matvec_t,
+# 0.13 MB of the 1.66 MB each of two threads streams per token). Computed by _affine,
 # so every value is bit for bit the per-token product's. Build cost V E 4H multiply-adds,
 # capped at TABLE_MAX_MACS so building it stays a small part of a short `charlm sample`;
 # a word model's vocabulary is over the cap and skips it.
@@ -126,7 +126,7 @@ def _input_table(emb, WihT0, bih0):
     table = np.empty((P, V, Gw), dtype=WihT0.dtype)
     for p in range(P):
         for v in range(V):
-            _matvec_t(table[p, v], emb[v], WihT0[p], bih0[p])
+            _affine(table[p, v], emb[v], WihT0[p], bih0[p], np.int64(0), Gw)
     return table
 
 
@@ -136,36 +136,32 @@ MJIT = dict(JIT, fastmath={"contract"})
 
 
 @njit(**MJIT)
-def _rows_into(out, x, WT, k0, k1):
-    """out[k] += sum_d x[d] WT[d, k0 + k] for k < k1 - k0: x (D,), WT (D, K) float or bfloat16
-    bits. Four rows of WT per pass over out (one load and store of out per four rows, not one
-    per row: a quarter of the L1 traffic of a plain row-wise axpy, measured 1.4-1.5x quicker
-    on weights resident in L2); each output adds its terms in the order of d, in pairs."""
+def _affine(out, x, WT, b, k0, k1):
+    """out[k0:k1] = b[k0:k1] + x @ WT[:, k0:k1] for one vector: x (D,), WT (D, K) float or bfloat16
+    bits, b and out (K,); the rest of out untouched. Along contiguous rows of WT, four rows per pass
+    over the output (one load and store of it per four rows, not one per row: a quarter of the L1
+    traffic of a plain row-wise axpy, measured 1.4-1.5x quicker on weights resident in L2); each
+    output adds its terms in the order of d, in pairs. Every batch-1 product is this one function
+    with int64 bounds (a literal 0 would compile it once more)."""
     n = k1 - k0
+    o = out[k0:k1]
+    bb = b[k0:k1]
+    for k in range(n):
+        o[k] = bb[k]
     D = x.shape[0]
     d = 0
     while d + 4 <= D:
         x0, x1, x2, x3 = x[d], x[d + 1], x[d + 2], x[d + 3]
         r0, r1, r2, r3 = WT[d, k0:k1], WT[d + 1, k0:k1], WT[d + 2, k0:k1], WT[d + 3, k0:k1]
         for k in range(n):
-            out[k] += (x0 * widen(r0[k]) + x1 * widen(r1[k])) + (x2 * widen(r2[k]) + x3 * widen(r3[k]))
+            o[k] += (x0 * widen(r0[k]) + x1 * widen(r1[k])) + (x2 * widen(r2[k]) + x3 * widen(r3[k]))
         d += 4
     while d < D:
         xd = x[d]
         r = WT[d, k0:k1]
         for k in range(n):
-            out[k] += xd * widen(r[k])
+            o[k] += xd * widen(r[k])
         d += 1
-
-
-@njit(**MJIT)
-def _matvec_t(out, x, WT, b):
-    """out = b + x @ WT for one vector: x (D,), WT (D, K) (float, or bfloat16 bits), b, out (K,).
-    Along contiguous rows of WT, so the inner loop vectorises (_rows_into)."""
-    K = out.shape[0]
-    for k in range(K):
-        out[k] = b[k]
-    _rows_into(out, x, WT, 0, K)
 
 
 @njit(**JIT)
@@ -181,8 +177,8 @@ def _layer_part(cell, hnew, c, act, ax, ah, inp, hold, WihT, WhhT, bih, bhh, j0,
     if pre.shape[0] > 0:
         copy_row(ax[0], pre)
     else:
-        _matvec_t(ax[0], inp, WihT, bih)
-    _matvec_t(ah[0], hold, WhhT, bhh)
+        _affine(ax[0], inp, WihT, bih, np.int64(0), ax.shape[1])
+    _affine(ah[0], hold, WhhT, bhh, np.int64(0), ah.shape[1])
     hn = hnew[j0:j1].reshape((1, w))
     if cell == 0:
         for j in range(w):
@@ -215,23 +211,13 @@ def _stack_step(cell, hb, cur, cs, act, ax, ah, token, emb, WihT0, WihT_rest, Wh
                         WihT, WhhT[l, p], bih[l, p], bhh[l, p], j0, j1, pre)
 
 
-@njit(**MJIT)
-def _decode_range(logits, h, WoutT, bout, v0, v1):
-    """logits[v0:v1] = bout[v0:v1] + h @ WoutT[:, v0:v1]."""
-    o = logits[v0:v1]
-    b = bout[v0:v1]
-    for k in range(v1 - v0):
-        o[k] = b[k]
-    _rows_into(o, h, WoutT, v0, v1)
-
-
 @njit(**PJIT)
 def _decode(logits, h, WoutT, bout, nv):
     """logits (V,) = bout + h @ WoutT, the vocabulary split between nv threads."""
     V = logits.shape[0]
     for p in prange(nv):
         v0, v1 = chunk(p, nv, V)
-        _decode_range(logits, h, WoutT, bout, v0, v1)
+        _affine(logits, h, WoutT, bout, v0, v1)
 
 
 @njit(**JIT)
@@ -275,7 +261,7 @@ def stack_sample(out, lps, hs, cs, seen, prime, uniforms, cell, emb, WihT0, WihT
         if nv > 1:
             _decode(logits, hb[cur, L - 1], WoutT, bout, nv)
         else:  # a small vocabulary: a parallel launch would cost more than the product
-            _decode_range(logits, hb[cur, L - 1], WoutT, bout, 0, V)
+            _affine(logits, hb[cur, L - 1], WoutT, bout, np.int64(0), V)
         tok, lp = pick_token(logits, seen, temperature, top_k, top_p, penalty, greedy, uniforms[k], adj, scratch)
         out[k] = tok
         lps[k] = lp
