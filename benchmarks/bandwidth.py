@@ -6,7 +6,7 @@ batch-1 rows of the speed table (issue 17 item 3).
 Batch-1 sampling and exact one-stream scoring are matrix-vector products: every token reads every
 recurrent weight once and does one multiply-add per weight, so a token costs (bytes it streams) /
 (bytes per second the machine sustains), whatever the kernel. This script measures the second
-number with the sampler's own product (charlm.kernels.sample._rows_into, float32 and bfloat16
+number with the sampler's own product (charlm.kernels.sample._affine, float32 and bfloat16
 weights) on 1 and 2 threads, each thread streaming its own weights of 0.5 to 4 MB, repeated as a
 token loop repeats them (so a working set that fits a core's cache stays there). Then, for each row,
 it prints the bytes per token, the rate the target ratio needs (target x PyTorch's tokens/s, the
@@ -39,11 +39,11 @@ def stream_rates(threads: int, repeats: int) -> list[dict]:
     from charlm.runtime import compute_threads
 
     @numba.njit(parallel=True, nogil=True)
-    def run(n, out, x, W):  # each thread its own W[p] (M, D, K), n passes over all of it
+    def run(n, out, x, W, b):  # each thread its own W[p] (M, D, K), n passes over all of it
         for p in prange(W.shape[0]):
             for _ in range(n):
                 for m in range(W.shape[1]):
-                    sample._rows_into(out[p], x, W[p, m], 0, out.shape[1])
+                    sample._affine(out[p], x, W[p, m], b, np.int64(0), np.int64(out.shape[1]))
 
     rows = []
     D, K = 256, 512
@@ -57,12 +57,13 @@ def stream_rates(threads: int, repeats: int) -> list[dict]:
                     W = sample.to_bf16(W.reshape(-1, K)).reshape(threads, M, D, K)
                 x = np.random.default_rng(1).random(D, dtype=np.float32)
                 out = np.zeros((threads, K), np.float32)
-                run(1, out, x, W)
+                b = np.zeros(K, np.float32)
+                run(1, out, x, W, b)
                 n = max(20, int(200 / mb))
                 times = []
                 for _ in range(repeats):
                     t = time.perf_counter()
-                    run(n, out, x, W)
+                    run(n, out, x, W, b)
                     times.append(time.perf_counter() - t)
                 dt = statistics.median(times)
                 rows.append({"format": fmt, "threads": threads, "mb_per_thread": mb,
