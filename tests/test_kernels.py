@@ -502,6 +502,15 @@ def test_draw_token_empirical_distribution(temperature, top_k, rng):
     np.testing.assert_allclose(counts / n, expected, rtol=0, atol=1.5 / n)
 
 
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 8, 65, 1000])
+def test_sort_inplace_matches_numpy_sort(n, rng):
+    for a in (rng.standard_normal(n), np.round(3 * rng.standard_normal(n)), np.zeros(n),
+              np.arange(n, dtype=np.float64), np.arange(n, 0, -1, dtype=np.float64)):
+        b = a.copy()
+        layers.sort_inplace(b)
+        np.testing.assert_array_equal(b, np.sort(a))
+
+
 # ------------------------------------------------------------------ sample.stack_sample
 E_S = 4  # embedding width in the sampling tests (= D)
 
