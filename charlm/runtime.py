@@ -134,9 +134,10 @@ class ThreadChoice:
 
     Every parallel region ends at a barrier, and a barrier waits for its slowest thread: when another
     process holds a core, a thread that has to share it arrives late at each of them (a batch-1 token
-    or a short window has thousands a second), and two threads run slower than one would. Nothing
+    or a short window has thousands a second), and two threads run slower than one would. Little
     tells a process that a core is busy (the load average lags by a minute and does not say whose
-    load it is), so the governor measures: it times each piece of work per unit (a training step, a
+    load it is; the count of runnable threads, read once at the first piece, is a snapshot: see
+    cores_taken), so the governor measures: it times each piece of work per unit (a training step, a
     token sampled, a token scored), keeps the recent times of the thread count in use, and now and
     then runs a few pieces on the other count (a probe). The faster count, by the medians of the
     times, is kept; a probe that loses doubles the time to the next (from 2 s, or 8 s after a switch, up to
@@ -165,11 +166,12 @@ class ThreadChoice:
     COST_SHARE = 0.05   # a lost probe's extra seconds: at most this share of the time to the next probe
 
     def __init__(self, n: int, adaptive: bool = True, clock: Callable[[], float] = time.perf_counter,
-                 set_threads: Callable[[int], None] | None = None):
+                 set_threads: Callable[[int], None] | None = None, busy: Callable[[int], bool] | None = None):
         self.parts = max(1, int(n))
         self.adaptive = adaptive and self.parts > 1
         self.clock = clock
         self._set = set_threads or _set_numba_threads
+        self._busy = busy or cores_taken
         self.current = self.parts                 # the kept thread count
         self.times = {self.parts: deque(maxlen=self.KEEP), 1: deque(maxlen=self.KEEP)}
         self.probing = 0                          # pieces left in a running probe
@@ -196,6 +198,12 @@ class ThreadChoice:
             with _nested(self):
                 yield
             return
+        if self.pieces == 0 and self._busy(self.parts):
+            # other processes hold cores now: start on one thread, as if all of them had just lost a
+            # probe (the first probe of all of them after AFTER_SWITCH seconds, then as any other)
+            self.current = 1
+            self.probed = True
+            self.interval = self.AFTER_SWITCH
         n = self.threads()
         self._set(n)
         t0 = self.clock()
@@ -248,17 +256,17 @@ class Governor:
     """compute_threads' choices: the parts (fixed), and one ThreadChoice per kind of work."""
 
     def __init__(self, n: int, adaptive: bool = True, clock: Callable[[], float] = time.perf_counter,
-                 set_threads: Callable[[int], None] | None = None):
+                 set_threads: Callable[[int], None] | None = None, busy: Callable[[int], bool] | None = None):
         self.parts = max(1, int(n))
         self.adaptive = adaptive and self.parts > 1
-        self.clock, self.set_threads = clock, set_threads
+        self.clock, self.set_threads, self.busy = clock, set_threads, busy
         self.kinds: dict = {}
         self.depth = 0
 
     def choice(self, kind) -> ThreadChoice:
         c = self.kinds.get(kind)
         if c is None:
-            c = self.kinds[kind] = ThreadChoice(self.parts, self.adaptive, self.clock, self.set_threads)
+            c = self.kinds[kind] = ThreadChoice(self.parts, self.adaptive, self.clock, self.set_threads, self.busy)
         return c
 
     @contextmanager
@@ -279,6 +287,45 @@ def _nested(owner):
         yield
     finally:
         owner.depth -= 1
+
+
+def cores_taken(threads: int, reads: int = 3) -> bool:
+    """Whether other processes' runnable threads leave fewer than `threads` of this process's cores
+    free right now: the instantaneous count of runnable threads in /proc/loadavg (the fourth field;
+    unlike the load averages it does not lag), less this process's own, the least of a few reads (a
+    short-lived command caught in one of them is not a busy core). False where /proc cannot say."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    others = None
+    for _ in range(reads):
+        n = other_runnable()
+        if n is None:
+            return False
+        others = n if others is None else min(others, n)
+        if others == 0:
+            break
+    return cpus - others < threads
+
+
+def other_runnable(loadavg: str = "/proc/loadavg", tasks: str = "/proc/self/task") -> int | None:
+    """Runnable threads (running or waiting for a core) outside this process, now; None where the
+    files are missing or unlike Linux's."""
+    try:
+        with open(loadavg) as f:
+            runnable = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for tid in os.listdir(tasks):
+            try:
+                with open(os.path.join(tasks, tid, "stat")) as f:
+                    stat = f.read()
+            except OSError:  # the thread ended meanwhile
+                continue
+            own += stat[stat.rindex(")") + 2:stat.rindex(")") + 3] == "R"
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, runnable - own)
 
 
 def _set_numba_threads(n: int) -> None:

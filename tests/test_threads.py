@@ -24,9 +24,11 @@ class Machine:
     """Seconds per piece on n threads: `fast` idle, and with a hog on a core the n-thread pieces
     stall (`stalled`) while one thread keeps its speed."""
 
-    def __init__(self, idle: dict, loaded: dict):
+    def __init__(self, idle: dict, loaded: dict, shows_hog: bool = False):
         self.idle, self.loaded = idle, loaded
         self.hog = False
+        self.shows_hog = shows_hog  # whether the hog is seen at the start (runtime.cores_taken)
+        self.asked = 0
         self.t = 0.0
         self.threads = None
         self.used = {1: 0, 2: 0}
@@ -36,6 +38,10 @@ class Machine:
 
     def set_threads(self, n: int) -> None:
         self.threads = n
+
+    def busy(self, threads: int) -> bool:
+        self.asked += 1
+        return self.hog and self.shows_hog
 
     def piece(self, gov: Governor) -> int:
         with gov.run(1):
@@ -58,7 +64,7 @@ def pieces(m: Machine, gov: Governor, k: int) -> list[int]:
 
 def test_governor_keeps_two_threads_when_they_are_faster_and_probes_little():
     m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.4, 1: 0.09})
-    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
     used = pieces(m, gov, 2000)  # 100 simulated seconds
     assert gov.current == 2 and gov.switches == 0
     assert used.count(1) <= 0.03 * len(used), used.count(1)  # probes: backed off to one a minute
@@ -66,7 +72,7 @@ def test_governor_keeps_two_threads_when_they_are_faster_and_probes_little():
 
 def test_governor_moves_to_one_thread_when_a_core_gets_busy_and_back_when_it_is_free():
     m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.4, 1: 0.09})
-    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
     pieces(m, gov, 2000)
     m.hog = True
     t0 = m.t
@@ -82,7 +88,7 @@ def test_governor_moves_to_one_thread_when_a_core_gets_busy_and_back_when_it_is_
 def test_governor_chooses_one_thread_when_one_is_simply_faster():
     """A batch-1 step of a small model: the barrier costs more than the second thread brings."""
     m = Machine(idle={2: 0.002, 1: 0.0015}, loaded={2: 0.01, 1: 0.0015})
-    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
     used = pieces(m, gov, 5000)
     assert gov.current == 1 and used[-1000:].count(1) >= 990
 
@@ -92,7 +98,7 @@ def test_each_kind_of_work_gets_its_own_choice():
     process; and a kind's speed never blurs another's (their costs per unit differ a hundredfold)."""
     m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.4, 1: 0.09})
     token = {2: 0.0004, 1: 0.0003}
-    gov = Governor(2, clock=m.clock, set_threads=m.set_threads)
+    gov = Governor(2, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
     for _ in range(300):
         m.piece_of(gov, "train", m.idle)
         for _ in range(5):
@@ -104,16 +110,16 @@ def test_each_kind_of_work_gets_its_own_choice():
 def test_no_governing_with_one_part_or_when_turned_off():
     m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.4, 1: 0.09})
     m.threads = 2
-    off = ThreadChoice(2, adaptive=False, clock=m.clock, set_threads=m.set_threads)
+    off = ThreadChoice(2, adaptive=False, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
     assert set(pieces(m, off, 50)) == {2}
-    one = ThreadChoice(1, clock=m.clock, set_threads=m.set_threads)
+    one = ThreadChoice(1, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
     m.threads = 1
     assert set(pieces(m, one, 50)) == {1}
 
 
 def test_nested_pieces_are_timed_once_by_the_outer_one():
     m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.4, 1: 0.09})
-    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
     with gov.run(1):
         with gov.run(1):
             m.t += 1.0
@@ -240,17 +246,74 @@ def test_each_python_thread_has_its_own_governor():
 
 
 def test_on_a_busy_machine_a_fresh_governor_pays_for_few_stalled_pieces():
-    """A command that starts next to a hog: the first piece (not timed: it may compile) and one timed
+    """A command that starts next to a hog that /proc does not show (runtime.cores_taken False, e.g. it
+    started just after the first piece): the first piece (not timed: it may compile) and one timed
     piece run on two threads, then the probe moves to one; later probes of two threads stop after one
     piece, since a stalled piece can cost many others."""
     m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.8, 1: 0.09})
     m.hog = True
-    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
     used = pieces(m, gov, 1000)  # 90 simulated seconds
     assert used[:2] == [2, 2] and gov.current == 1 and set(used[2:6]) == {1}
     later = used[6:]
     assert later.count(2) <= 6, later.count(2)  # single-piece probes at 8, 16, 32, 60 s...
     assert m.t < 1.1 * 1000 * 0.09
+
+
+def test_a_hog_seen_at_the_start_costs_no_stalled_piece():
+    """When /proc shows another process's runnable thread at the first piece (runtime.cores_taken), the
+    work starts on one thread and stays there: the first probe of two threads comes after AFTER_SWITCH
+    seconds, as after a switch, not after the first timed piece, and stops after one stalled piece. The
+    check is made once per kind of work."""
+    m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.8, 1: 0.09}, shows_hog=True)
+    m.hog = True
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
+    used = pieces(m, gov, 1000)
+    first = int(ThreadChoice.AFTER_SWITCH / 0.09)  # pieces in the first AFTER_SWITCH seconds
+    assert set(used[:first]) == {1} and gov.current == 1
+    assert used.count(2) <= 4, used.count(2)  # single-piece probes at about 8, 16, 32, 60 s
+    assert m.asked == 1
+
+
+def test_a_core_busy_only_at_the_start_costs_seconds_on_one_thread():
+    """A hog seen at the first piece that is gone by the next (or one at a low priority, which leaves
+    two threads the faster): the first probe, after AFTER_SWITCH seconds, finds two threads faster and
+    keeps them."""
+    m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.8, 1: 0.09}, shows_hog=True)
+    m.hog = True
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
+    assert pieces(m, gov, 1) == [1]
+    m.hog = False
+    used = pieces(m, gov, 300)
+    switched = used.index(2)
+    assert 0.9 * ThreadChoice.AFTER_SWITCH / 0.09 <= switched <= 1.1 * ThreadChoice.AFTER_SWITCH / 0.09 + 3
+    assert gov.current == 2 and set(used[switched:switched + 100]) == {2}  # the next probe: AFTER_SWITCH s on
+
+
+def test_other_runnable_counts_the_runnable_threads_of_other_processes(tmp_path):
+    from charlm import runtime
+    (tmp_path / "loadavg").write_text("0.52 0.61 0.70 4/312 12345\n")
+    tasks = tmp_path / "task"
+    for tid, state in (("100", "R"), ("101", "S"), ("102", "R")):
+        (tasks / tid).mkdir(parents=True)
+        (tasks / tid / "stat").write_text(f"{tid} (python (x) y) {state} 1 2 3 4\n")
+    assert runtime.other_runnable(str(tmp_path / "loadavg"), str(tasks)) == 2  # 4 runnable, 2 of them ours
+    (tmp_path / "loadavg").write_text("0.52 0.61 0.70 1/312 12345\n")
+    assert runtime.other_runnable(str(tmp_path / "loadavg"), str(tasks)) == 0  # never below zero
+    assert runtime.other_runnable(str(tmp_path / "none"), str(tasks)) is None
+    (tmp_path / "loadavg").write_text("garbage\n")
+    assert runtime.other_runnable(str(tmp_path / "loadavg"), str(tasks)) is None
+
+
+@pytest.mark.parametrize("others,cpus,threads,taken", [([0, 0, 0], 2, 2, False), ([1, 1, 1], 2, 2, True),
+                                                     ([1, 0, 1], 2, 2, False), ([1, 1, 1], 8, 2, False),
+                                                     ([7, 7, 7], 8, 2, True), ([None], 2, 2, False)])
+def test_cores_taken_needs_every_read_to_show_the_others(monkeypatch, others, cpus, threads, taken):
+    from charlm import runtime
+    reads = iter(others)
+    monkeypatch.setattr(runtime, "other_runnable", lambda: next(reads))
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert runtime.cores_taken(threads) is taken
 
 
 def test_single_slow_pieces_on_a_noisy_host_do_not_set_off_probes():
@@ -261,7 +324,7 @@ def test_single_slow_pieces_on_a_noisy_host_do_not_set_off_probes():
     1.5x set one off), and the governor ends on two threads."""
     rng = np.random.default_rng(0)
     m = Machine(idle={2: 0.05, 1: 0.09}, loaded={2: 0.05, 1: 0.09})
-    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
     used = []
     for _ in range(3000):  # 150 simulated seconds
         spike = 2.5 if rng.random() < 0.1 else 1.0
@@ -278,7 +341,7 @@ def test_probes_of_a_stalled_count_cost_a_small_share_of_long_pieces():
     at least 24 s (COST_SHARE 5 %): over five minutes the probes cost under 6 % of one thread's time."""
     m = Machine(idle={2: 0.2, 1: 0.4}, loaded={2: 1.6, 1: 0.4})
     m.hog = True
-    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads)
+    gov = ThreadChoice(2, clock=m.clock, set_threads=m.set_threads, busy=m.busy)
     pieces(m, gov, 10)
     t0, n = m.t, 750  # 300 s on one thread
     pieces(m, gov, n)
