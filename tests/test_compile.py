@@ -12,7 +12,7 @@ import charlm.kernels
 from charlm.config import ModelConfig
 from charlm.data import Vocab
 from charlm.kernels import layers, lstm, sample
-from charlm.lm import precompile
+from charlm.lm import precompile, warmup
 from charlm.lm.model import Model
 from charlm.lm.sample import generate
 from charlm.runtime import compute_threads
@@ -102,7 +102,7 @@ def test_training_compiles_the_sampler_beside_its_first_steps(monkeypatch, tmp_p
         calls.append("start")
         return Done()
 
-    monkeypatch.setattr(precompile, "sampler_in_background", fake)
+    monkeypatch.setattr(warmup, "sampler_in_background", fake)
     cfg = ModelConfig(cell="lstm", embed=4, hidden=8, layers=1)
     events = list(train("abcabcabd\n" * 30, cfg, TrainConfig(steps=2, batch=2, seq_len=8), tmp_path / "run",
                         sample_chars=10))
@@ -123,3 +123,84 @@ def test_no_child_when_the_cache_holds_the_kernel():
     assert precompile.cached(layers.embedding_forward, np.float32)
     assert not precompile.cached(layers.embedding_forward, np.float16)
     assert not precompile.cached(_fresh(layers.embedding_forward), np.float32)  # no cache at all
+
+
+# ------------------------------------------------------------------ a first sample / score: the split compile
+def test_the_sampler_split_compiles_the_signatures_stack_sample_calls(monkeypatch):
+    # the child compiles _stack_step, the parent _decode and pick_token, each for types it is told; if
+    # stack_sample called them with other types, it would compile them again and the split would gain nothing
+    import charlm.lm.model
+    monkeypatch.setattr(charlm.lm.model, "stack_sample", _fresh(sample.stack_sample))
+    monkeypatch.setattr(precompile, "sampler_split", lambda model, precision: None)
+    for precision, store in (("float32", "float32"), ("bf16", "uint16")):
+        model, vocab = _model()
+        with compute_threads(2):
+            "".join(generate(model, vocab, 5, prime="hello", seed=0, precision=precision))
+        arrays = precompile._sampler_arrays("float32", store)
+        for kernel, args in ((sample._stack_step, "step"), (sample._decode, "decode"), (layers.pick_token, "pick")):
+            assert precompile._signature(arrays[args]) in kernel.signatures, (precision, kernel)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_the_forward_split_compiles_the_signature_the_forward_calls(cell):
+    import importlib
+    vocab = Vocab.from_text("hello, world\n")
+    model = Model.create(ModelConfig(cell=cell, vocab_size=len(vocab), embed=8, hidden=32, layers=2), seed=0,
+                         dtype=np.float32)
+    model._first_pass = False  # no split here: the forward below compiles its callees in this process
+    module, name, args = precompile._recur_call(cell, "float32")
+    model._fwd = _fresh(model._fwd)
+    x = np.zeros((3, 1), np.int32)
+    with compute_threads(2):
+        model.token_logprobs(x, x, model.zero_state(1))
+    if numba.get_num_threads() >= 2:
+        kernel = getattr(importlib.import_module(f"charlm.kernels.{module}"), name)
+        assert precompile._signature(args) in kernel.signatures
+
+
+def test_a_first_sample_and_score_compile_in_two_processes_with_the_same_results(monkeypatch):
+    """From an empty cache (here: pretended) the child compiles its kernel (or loads it: the test's cache
+    is warm) and exits cleanly; the parent's results are those of a model that never split."""
+    from charlm import runtime
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 threads")
+    exits = []
+    for cls in (precompile.SamplerSplit, precompile.ForwardSplit):
+        def finish(self, _orig=cls.finish):
+            _orig(self)
+            exits.append((type(self).__name__, self.child.proc.exitcode))
+        monkeypatch.setattr(cls, "finish", finish)
+    monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: False)
+    monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: False)
+    results = []
+    for split in (True, False):
+        model, vocab = _model()
+        model._first_pass = split
+        if not split:
+            monkeypatch.setattr(precompile, "sampler_split", lambda model, precision: None)
+        x = np.array([[1], [2], [3]], np.int32)
+        with compute_threads(2):
+            text = "".join(generate(model, vocab, 20, seed=3))
+            lp, _ = model.token_logprobs(x, x, model.zero_state(1))
+        results.append((text, lp.tobytes()))
+    assert {name for name, _ in exits} == {"SamplerSplit", "ForwardSplit"}
+    assert all(code == 0 for _, code in exits), exits
+    assert results[0] == results[1]
+
+
+def test_no_split_on_one_thread_a_busy_machine_or_a_warm_cache(monkeypatch):
+    from charlm import runtime
+    model, _ = _model()
+    monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: False)
+    monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: True)
+    with compute_threads(2):
+        assert precompile.sampler_split(model, "float32") is None
+        assert precompile.forward_split(model) is None
+    monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: False)
+    with compute_threads(1):
+        assert precompile.sampler_split(model, "float32") is None
+        assert precompile.forward_split(model) is None
+    monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: True)
+    with compute_threads(2):
+        assert precompile.sampler_split(model, "float32") is None
+        assert precompile.forward_split(model) is None

@@ -48,6 +48,7 @@ from ..kernels.sample import CELL_CODES, pack, stack_sample
 from ..kernels.sample import draw_tokens
 from .base import BaseModel, SampleStep, State
 from .heads import build_head
+from .precompile import forward_split, sampler_split
 
 _CELL_KERNELS = {
     "rnn": (rnn.rnn_forward, rnn.rnn_backward),
@@ -173,6 +174,24 @@ class Model(BaseModel):
     def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray]):
         super().__init__(cfg, params)
         self._fwd, self._bwd = _CELL_KERNELS[cfg.cell]
+        self._first_pass = True
+
+    def _token_logprobs(self, x: np.ndarray, y: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        self._split_first_pass()
+        return super()._token_logprobs(x, y, state)
+
+    def _scores_after(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        self._split_first_pass()
+        return super()._scores_after(x, state)
+
+    def _split_first_pass(self) -> None:
+        """Before this model's first pass that scores: from an empty cache, compile the forward in two
+        processes (charlm.lm.precompile.forward_split)."""
+        if self._first_pass:
+            self._first_pass = False
+            split = forward_split(self)
+            if split is not None:
+                split.finish()
 
     # ---------------------------------------------------------------- forward
     def _forward(self, x: np.ndarray, state: State, rng: np.random.Generator | None) -> Workspace:
@@ -276,9 +295,12 @@ class Model(BaseModel):
         key = ("packed", precision, n_parts)
         packed = None if self.sampler_cache is None else self.sampler_cache.get(key)
         if packed is None:  # 7-10 ms for a 2x512 model: once per call, or once per model with a cache
+            split = sampler_split(self, precision)  # a first sample: compile in two processes
             params = self.params if not self.cfg.tie else {**self.params,
                                                            "decoder.weight": self.params["embedding.weight"]}
             packed = pack(params, self.cfg.layers, parts=n_parts, precision=precision)
+            if split is not None:
+                split.finish()
             if self.sampler_cache is not None:
                 self.sampler_cache[key] = packed
         code = CELL_CODES[self.cfg.cell]

@@ -2,10 +2,12 @@
 
 A first run compiles every kernel it calls (seconds each, from an empty cache). What is not needed at
 once is compiled by a child process on the other core instead: training starts its first step without
-the sampler, which a child compiles meanwhile; the trainer waits for the child (usually long done)
-before its first sample and then loads the sampler from the cache. The child compiles whole entry
+the sampler, which a child compiles meanwhile (charlm.lm.warmup); the trainer waits for the child
+(usually long done) before its first sample and then loads the sampler from the cache. A first sample,
+score or eval splits its own kernels between a child and itself (below). The child compiles whole entry
 points (a kernel and its callees) and the parent does not call them before the child is done, so no
-process compiles a kernel against a callee the other one cached halfway.
+process compiles a kernel against a callee the other one cached halfway (they may both compile a
+small shared callee, each writing the same cache entry).
 
 The child starts with `spawn` (a fresh interpreter: no copy of the parent's threads or locks), ignores
 Ctrl-C (the parent decides) and writes nothing to the terminal. If it fails, the parent compiles the
@@ -47,17 +49,6 @@ def _quiet(target, *args) -> None:
     target(*args)
 
 
-def compile_sampler(cfg, vocab, dtype: str, threads: int) -> None:
-    """Compile (or load) the sampler of a model of cfg with parameters of dtype: a two-token sample of a
-    fresh model, on `threads` threads (the parent's count, so the packing is the same)."""
-    import numpy as np
-    from ..runtime import compute_threads
-    from .models import create_model
-    from .sample import generate
-    with compute_threads(threads):
-        "".join(generate(create_model(cfg, 0, np.dtype(dtype)), vocab, 2, seed=0))
-
-
 def cached(dispatcher, dtype) -> bool:
     """Whether Numba's on-disk cache holds the kernel for some signature with arrays of dtype (then a
     child would only load it too, after a second or more of start-up). Reads Numba's cache index (an
@@ -71,33 +62,130 @@ def cached(dispatcher, dtype) -> bool:
         return False
 
 
-def sampler_in_background(model, vocab) -> Background | None:
-    """Start compiling model's sampler in a child process (see the module docstring), or None if the
-    cache holds it already."""
-    from ..kernels.sample import stack_sample
-    if model.cfg.cell != "esn" and model.cfg.softmax == "full" and cached(stack_sample, model.dtype):
-        return None
-    from ..runtime import parts
-    return Background(compile_sampler, model.cfg, vocab, model.dtype.str, parts())
+# ------------------------------------------------------------------ a first `charlm sample`
+# The batch-1 sampler (kernels.sample.stack_sample) compiles in about 9 s from an empty cache, half of it
+# the parallel step _stack_step (Numba's parallel transform). A first sample splits the work: a child
+# compiles _stack_step while this process packs the weights and compiles the step's other callees (the
+# draw, the parallel decoder); then it waits for the child and compiles stack_sample itself, loading
+# _stack_step from the cache. The child is told the argument types only (small arrays of those types:
+# the shapes do not matter to a compiled kernel), the types stack_sample passes
+# (tests/test_precompile.py checks they are).
 
-
-def warm_up(model, batches, with_sampler: bool, vocab, lazy: bool = False) -> None:
-    """Call every kernel a training step uses once on a tiny window so Numba compiles
-    (or loads from its cache) before the clock starts; the sampler too when with_sampler
-    (else it is compiled in the background: charlm.lm.train._Trainer._start)."""
+def _sampler_arrays(dtype: str, store: str) -> dict:
+    """Small arrays of the types stack_sample hands its callees: the model's dtype for states and
+    biases, `store` (the dtype, or uint16 for bfloat16) for the packed weights."""
     import numpy as np
+    f, s = np.dtype(dtype), np.dtype(store)
+    one = np.int64(1)
+    step = (one, np.zeros((2, 1, 16), f), one, np.zeros((1, 1, 16), f), np.zeros((1, 1, 64), f),
+            np.zeros((1, 1, 64), f), np.zeros((1, 1, 64), f), one, np.zeros((2, 4), f), np.zeros((1, 4, 64), s),
+            np.zeros((1, 1, 16, 64), s), np.zeros((1, 1, 16, 64), s), np.zeros((1, 1, 64), f),
+            np.zeros((1, 1, 64), f), np.zeros((1, 0, 64), f))
+    decode = (np.zeros(2, f), np.zeros((2, 1, 16), f)[1, 0], np.zeros((16, 2), s), np.zeros(2, f), one)
+    pick = (np.zeros(2, f), np.zeros(2, np.uint8), 1.0, 0, 1.0, 1.0, False, 0.5, np.zeros(2), np.zeros(2))
+    return {"step": step, "decode": decode, "pick": pick}
 
-    from ..optim import grad_norm, make_optimizer
-    x, y = batches.window(0)
-    x, y = np.ascontiguousarray(x[:2, :1]), np.ascontiguousarray(y[:2, :1])
-    grads = model.zero_grads()
-    rng = np.random.default_rng(0)
-    model.loss_and_grads(x, y, model.zero_state(1), grads, rng)
-    model.loss(x, y, model.zero_state(1))
-    opt = make_optimizer("adam", {k: v.copy() for k, v in model.trainable.items()}, lazy=lazy)
-    rows = model.touched()  # lazy (--sparse-embedding): the row-wise Adam kernel too
-    opt.step({k: v.copy() for k, v in model.trainable.items()}, grads, 1e-3, 1.0, rows)
-    grad_norm(grads, rows)
-    if with_sampler:
-        from .sample import generate
-        "".join(generate(model, vocab, 2, seed=0))
+
+def _compile_step(dtype: str, store: str) -> None:
+    from ..kernels import sample
+    sample._stack_step.compile(_signature(_sampler_arrays(dtype, store)["step"]))
+
+
+def _signature(args) -> tuple:
+    import numba
+    return tuple(numba.typeof(a) for a in args)
+
+
+class SamplerSplit:
+    """The split compile of a first sample (above): the child starts here, finish() does this process's
+    share and waits for it."""
+
+    def __init__(self, dtype: str, store: str):
+        self.dtype, self.store = dtype, store
+        self.child = Background(_compile_step, dtype, store)
+
+    def finish(self) -> None:
+        """Compile the other callees here, then wait for the child (on failure the parent compiles
+        _stack_step itself, as without the split)."""
+        from ..kernels import layers, sample
+        arrays = _sampler_arrays(self.dtype, self.store)
+        sample._decode.compile(_signature(arrays["decode"]))
+        layers.pick_token.compile(_signature(arrays["pick"]))
+        self.child.wait()
+
+
+def sampler_split(model, precision: str) -> SamplerSplit | None:
+    """Start the split compile of model's batch-1 sampler, or None when the cache holds stack_sample for
+    these weights already, or a second core is not free (one thread asked for, several processes under
+    MPI, or other processes' threads running: runtime.cores_taken)."""
+    import numpy as np
+    from .. import dist
+    from ..kernels.sample import stack_sample
+    from ..runtime import cores_taken, parts
+    store = "uint16" if precision == "bf16" else model.dtype.name
+    if dist.size() > 1 or parts() < 2 or cached(stack_sample, store) or cores_taken(2):
+        return None
+    try:
+        return SamplerSplit(np.dtype(model.dtype).name, store)
+    except Exception:  # no child: compile here, as without the split
+        return None
+
+
+# ------------------------------------------------------------------ a first `charlm score` / `eval`
+# The same split for the forward pass of an RNN / GRU / LSTM stack: a child compiles the recurrence split
+# by hidden units (the parallel time loop, about half of a first `charlm score`'s 9 s), this process the
+# output head, the embedding lookup and the window's input product meanwhile; then the cell's forward
+# compiles here and loads the recurrence from the cache.
+
+def _recur_call(cell: str, dtype: str) -> tuple:
+    """(module name, kernel name, small arguments of the types the cell's forward passes)."""
+    import numpy as np
+    z = lambda *s: np.zeros(s, np.dtype(dtype))
+    nc = np.int64(1)
+    if cell == "lstm":
+        return "lstm", "_lstm_recur_by_units", (z(2, 1, 16), z(2, 1, 16), z(1, 1, 64), z(64, 16), z(64), nc)
+    if cell == "gru":
+        return "gru", "_gru_recur_by_units", (z(2, 1, 16), z(1, 1, 64), z(1, 1, 48), z(48, 16), z(48), z(48), nc)
+    return "rnn", "_rnn_recur_by_units", (z(2, 1, 16), z(1, 1, 16), z(16, 16), z(16), nc)
+
+
+def _compile_recur(cell: str, dtype: str) -> None:
+    import importlib
+    module, name, args = _recur_call(cell, dtype)
+    getattr(importlib.import_module(f"charlm.kernels.{module}"), name).compile(_signature(args))
+
+
+class ForwardSplit:
+    """The split compile of a first scoring pass (above), as SamplerSplit."""
+
+    def __init__(self, model):
+        self.model = model
+        self.child = Background(_compile_recur, model.cfg.cell, model.dtype.name)
+
+    def finish(self) -> None:
+        """Compile the forward's other kernels here by running them on one token, then wait for the child."""
+        import numpy as np
+        from ..kernels import layers, lstm
+        from ..runtime import parts
+        m, dt = self.model, self.model.dtype
+        cfg = m.cfg
+        z = lambda *s: np.zeros(s, dt)
+        layers.embedding_forward(z(1, cfg.embed), np.zeros(1, np.int32), m.params["embedding.weight"])
+        layers.proj_forward(z(1, 1, cfg.gates * cfg.hidden), z(1, 1, cfg.embed), m.params["rnn.weight_ih_l0"],
+                            parts())
+        if cfg.cell == "lstm":  # the loop lstm_forward keeps for fewer than 16 units
+            lstm._lstm_recur_plain(z(2, 1, 4), z(2, 1, 4), z(1, 1, 16), z(16, 4), z(16))
+        m.head.gather(m.params, z(1, cfg.hidden), np.zeros(1, np.int32), np.zeros(1), parts())
+        self.child.wait()
+
+
+def forward_split(model) -> ForwardSplit | None:
+    """Start the split compile of model's forward pass, or None: as sampler_split."""
+    from .. import dist
+    from ..runtime import cores_taken, parts
+    if dist.size() > 1 or parts() < 2 or cached(model._fwd, model.dtype) or cores_taken(2):
+        return None
+    try:
+        return ForwardSplit(model)
+    except Exception:
+        return None

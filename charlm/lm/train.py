@@ -45,7 +45,7 @@ from ..runtime import thread_report
 from .schedule import Schedule, scheduled_lr
 from .score import safe_exp
 from .guard import guard_of as _guard_of, guard_record, restore as _restore, snapshot as _snapshot
-from .precompile import warm_up
+from .warmup import warm_up
 from .start import Source, Start, build_vocab, new_run, resumed
 
 __all__ = ["train", "evaluate", "Source", "build_vocab", "LN2", "MAX_NONFINITE", "MAX_HALVINGS", "SNAPSHOT_EVERY"]
@@ -189,7 +189,7 @@ class _Trainer:
         self.patience_out = False  # --patience evaluations in a row did not improve: stop
         self.started = 0.0
         self.snapshot: dict = {}
-        self.sampler_job = None  # the child compiling the sampler (charlm.lm.precompile), until joined
+        self.sampler_job = None  # the child compiling the sampler (charlm.lm.warmup), until joined
 
     @classmethod
     def begin(cls, s: Start, **loop_options):
@@ -234,12 +234,12 @@ class _Trainer:
         t0 = self.clock()
         yield {"event": "compiling"}
         # The sampler is first needed at the first evaluation: a child process compiles it meanwhile
-        # (charlm.lm.precompile), on the other core, unless several processes already share the cores
+        # (charlm.lm.warmup), on the other core, unless several processes already share the cores
         sampler_later = self.sample_chars > 0 and dist.size() == 1
         warm_up(self.model, self.batches, self.sample_chars > 0 and not sampler_later, self.s.vocab,
                 lazy=self.cfg.sparse_embedding)
         if sampler_later:
-            from .precompile import sampler_in_background
+            from .warmup import sampler_in_background
             self.sampler_job = sampler_in_background(self.model, self.s.vocab)
         yield {"event": "compiled", "seconds": self.clock() - t0}
         s, n_params = self.s, sum(p.size for p in self.model.trainable.values())
