@@ -204,3 +204,50 @@ def test_no_split_on_one_thread_a_busy_machine_or_a_warm_cache(monkeypatch):
     with compute_threads(2):
         assert precompile.sampler_split(model, "float32") is None
         assert precompile.forward_split(model) is None
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_the_backward_split_compiles_the_signature_training_calls(cell):
+    vocab = Vocab.from_text("hello, world\n")
+    model = Model.create(ModelConfig(cell=cell, vocab_size=len(vocab), embed=8, hidden=32, layers=2,
+                                     dropout=0.2), seed=0, dtype=np.float32)
+    model._bwd = _fresh(model._bwd)
+    x = np.zeros((3, 2), np.int32)
+    with compute_threads(2):
+        model.loss_and_grads(x, x, model.zero_state(2), model.zero_grads(), np.random.default_rng(0))
+    assert model._bwd.signatures == [precompile._signature(precompile._backward_args("float32"))]
+
+
+def test_training_warm_up_waits_for_the_backward_child_before_the_first_backward(monkeypatch, tmp_path):
+    from charlm import runtime
+    from charlm.config import TrainConfig
+    from charlm.lm.train import train
+    events = []
+    real_backward = Model.layer_backward
+
+    class Child:
+        def wait(self):
+            events.append("wait")
+            return 0.0
+    monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: False)
+    monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: False)
+    monkeypatch.setattr(precompile, "Background", lambda *a: events.append(("start", a[1:])) or Child())
+    monkeypatch.setattr(Model, "layer_backward", lambda self, *a: events.append("backward") or real_backward(self, *a))
+    cfg = ModelConfig(cell="lstm", embed=4, hidden=16, layers=1)
+    with compute_threads(2):
+        list(train("abcabcabd\n" * 30, cfg, TrainConfig(steps=1, batch=2, seq_len=8), tmp_path / "run",
+                   sample_chars=0))
+    if numba.config.NUMBA_NUM_THREADS >= 2:
+        assert events[0] == ("start", ("charlm.kernels.lstm", "lstm_backward", "float32"))
+        assert events[1:3] == ["wait", "backward"]
+
+
+def test_the_backward_split_compiles_the_signature_charlm_grads_calls(monkeypatch):
+    from charlm.lm import grads
+    model = grads.as_float64(grads.fresh_model("lstm", 20, hidden=32, layers=2, embed=8))
+    model._bwd = _fresh(model._bwd)
+    monkeypatch.setattr(grads, "backward_split", lambda model: None)
+    monkeypatch.setattr(grads, "as_float64", lambda m: model)  # the model holding the fresh kernel
+    with compute_threads(2):
+        grads.warm_up(model)
+    assert model._bwd.signatures == [precompile._signature(precompile._backward_args("float64"))]

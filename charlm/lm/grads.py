@@ -59,6 +59,7 @@ from ..data.tokens import open_run_tokens, run_file
 from ..errors import CharlmError
 from .gradplot import PLOT_HINT, SPARK, plot, sparkline, table_lags  # noqa: F401  (part of this API)
 from .model import Model
+from .precompile import backward_split
 
 CELLS = ("rnn", "gru", "lstm")
 
@@ -265,6 +266,11 @@ def warm_up(model: Model) -> None:
     """Run the measurement once on a two-step window so Numba compiles (or loads from its
     cache) the float64 kernels of this model's cell before the real work starts."""
     x = np.zeros((2, 1), dtype=np.int64)
+    model = as_float64(model)  # as gradient_flow computes
+    backward = backward_split(model)  # from an empty cache: the backward kernel in a child meanwhile
+    if backward is not None:
+        model.forward(x, model.zero_state(1))
+        backward.wait()
     gradient_flow(model, x, np.zeros(1, dtype=np.int64), 1)
 
 

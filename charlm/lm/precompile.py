@@ -189,3 +189,35 @@ def forward_split(model) -> ForwardSplit | None:
         return ForwardSplit(model)
     except Exception:
         return None
+
+
+# ------------------------------------------------------------------ training's warm-up
+# The same split for a first `charlm train`: a child compiles the cell's backward kernel (about 10 s of the
+# warm-up's 26 for the default LSTM: the parallel backward time loop and the weight gradients) while this
+# process compiles and runs the forward pass and the loss; it waits for the child before the first backward.
+
+def _backward_args(dtype: str) -> tuple:
+    """Small arguments of the types Model.layer_backward passes to the cell's backward kernel."""
+    import numpy as np
+    z = lambda *s: np.zeros(s, np.dtype(dtype))
+    return (z(1, 1, 4), z(16, 4), z(16, 4), z(16), z(16), z(1, 4), z(1, 4), z(1, 1, 16), z(1, 1, 16),
+            z(1, 1, 4), z(2, 1, 4), z(2, 1, 4), z(1, 1, 16), z(1, 1, 4), z(16, 4), z(16, 4), np.int64(1))
+
+
+def _compile_backward(module: str, name: str, dtype: str) -> None:
+    import importlib
+    getattr(importlib.import_module(module), name).compile(_signature(_backward_args(dtype)))
+
+
+def backward_split(model) -> Background | None:
+    """A child compiling model's backward kernel (RNN / GRU / LSTM), or None: as sampler_split. The caller
+    waits for it before the first backward pass."""
+    from .. import dist
+    from ..runtime import cores_taken, parts
+    bwd = getattr(model, "_bwd", None)
+    if bwd is None or dist.size() > 1 or parts() < 2 or cached(bwd, model.dtype) or cores_taken(2):
+        return None
+    try:
+        return Background(_compile_backward, bwd.py_func.__module__, bwd.py_func.__name__, model.dtype.name)
+    except Exception:
+        return None

@@ -3,7 +3,7 @@ sampler compiled beside the first steps by a child process (charlm.lm.precompile
 before them."""
 from __future__ import annotations
 
-from .precompile import Background, cached
+from .precompile import Background, backward_split, cached
 
 
 def compile_sampler(cfg, vocab, dtype: str, threads: int) -> None:
@@ -38,8 +38,11 @@ def warm_up(model, batches, with_sampler: bool, vocab, lazy: bool = False) -> No
     x, y = np.ascontiguousarray(x[:2, :1]), np.ascontiguousarray(y[:2, :1])
     grads = model.zero_grads()
     rng = np.random.default_rng(0)
-    model.loss_and_grads(x, y, model.zero_state(1), grads, rng)
+    backward = backward_split(model)  # from an empty cache: the backward kernel in a child meanwhile
     model.loss(x, y, model.zero_state(1))
+    if backward is not None:
+        backward.wait()
+    model.loss_and_grads(x, y, model.zero_state(1), grads, rng)
     opt = make_optimizer("adam", {k: v.copy() for k, v in model.trainable.items()}, lazy=lazy)
     rows = model.touched()  # lazy (--sparse-embedding): the row-wise Adam kernel too
     opt.step({k: v.copy() for k, v in model.trainable.items()}, grads, 1e-3, 1.0, rows)
