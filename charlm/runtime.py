@@ -289,43 +289,56 @@ def _nested(owner):
         owner.depth -= 1
 
 
-def cores_taken(threads: int, reads: int = 3) -> bool:
+def cores_taken(threads: int, reads: int = 5, gap: float = 0.001) -> bool:
     """Whether other processes' runnable threads leave fewer than `threads` of this process's cores
     free right now: the instantaneous count of runnable threads in /proc/loadavg (the fourth field;
-    unlike the load averages it does not lag), less this process's own, the least of a few reads (a
-    short-lived command caught in one of them is not a busy core). False where /proc cannot say."""
+    unlike the load averages it does not lag), less this process's own, the least of a few reads
+    `gap` seconds apart (a short-lived command, or one of this process's threads waking up between
+    two reads of a count, is not a busy core). False where /proc cannot say."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
     others = None
-    for _ in range(reads):
+    for i in range(reads):
+        if i:
+            time.sleep(gap)
         n = other_runnable()
         if n is None:
             return False
         others = n if others is None else min(others, n)
-        if others == 0:
-            break
-    return cpus - others < threads
+        if cpus - others >= threads:
+            return False
+    return True
 
 
 def other_runnable(loadavg: str = "/proc/loadavg", tasks: str = "/proc/self/task") -> int | None:
     """Runnable threads (running or waiting for a core) outside this process, now; None where the
-    files are missing or unlike Linux's."""
+    files are missing or unlike Linux's. This process's own are those runnable in a look at its
+    threads just before or just after the count (one of them may wake or sleep in between)."""
     try:
+        before = _runnable_tasks(tasks)
         with open(loadavg) as f:
             runnable = int(f.read().split()[3].split("/")[0])
-        own = 0
-        for tid in os.listdir(tasks):
-            try:
-                with open(os.path.join(tasks, tid, "stat")) as f:
-                    stat = f.read()
-            except OSError:  # the thread ended meanwhile
-                continue
-            own += stat[stat.rindex(")") + 2:stat.rindex(")") + 3] == "R"
+        own = len(before | _runnable_tasks(tasks))
     except (OSError, ValueError, IndexError):
         return None
     return max(0, runnable - own)
+
+
+def _runnable_tasks(tasks: str) -> set[str]:
+    """The ids of the threads under `tasks` (a /proc/<pid>/task folder) in state R."""
+    found = set()
+    for tid in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, tid, "stat")) as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        end = stat.rindex(")")
+        if stat[end + 2:end + 3] == "R":
+            found.add(tid)
+    return found
 
 
 def _set_numba_threads(n: int) -> None:

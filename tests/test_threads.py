@@ -313,7 +313,7 @@ def test_cores_taken_needs_every_read_to_show_the_others(monkeypatch, others, cp
     reads = iter(others)
     monkeypatch.setattr(runtime, "other_runnable", lambda: next(reads))
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    assert runtime.cores_taken(threads) is taken
+    assert runtime.cores_taken(threads, reads=3, gap=0.0) is taken
 
 
 def test_single_slow_pieces_on_a_noisy_host_do_not_set_off_probes():
