@@ -785,3 +785,15 @@ def test_linear_backward_without_bias_gradient(rng):
     np.testing.assert_allclose(part[0], full[0], rtol=1e-14)
     np.testing.assert_allclose(part[1], full[1], rtol=1e-14)
     np.testing.assert_allclose(full[2], dout.sum(axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("G", [1, 3, 4])
+def test_gate_product_reads_the_blocks_in_either_order_to_the_same_result(G, rng):
+    # odd steps read the gate blocks last to first (L2 reuse between steps); the rows land in the same places
+    Hh, Nn, j0, j1 = 40, 3, 8, 27
+    W = rng.standard_normal((G * Hh, Hh)).astype(np.float32)
+    hT = rng.standard_normal((Hh, Nn)).astype(np.float32)
+    want = np.concatenate([W[g * Hh + j0:g * Hh + j1] @ hT for g in range(G)])
+    for t in (0, 1, 2, 3):
+        got = parallel.gate_product(W, G, j0, j1, hT, np.zeros(G * (j1 - j0) * Nn, np.float32), t)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

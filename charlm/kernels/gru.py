@@ -78,7 +78,7 @@ def _gru_recur_by_units(hs, acts, ax_all, Whh, bih, bhh, nc):
         for c in prange(nc):
             j0, j1 = chunk(c, nc, H)
             w = j1 - j0
-            rT = gate_product(Whh, 3, j0, j1, hT[t % 2], recT[c])  # (3w, N)
+            rT = gate_product(Whh, 3, j0, j1, hT[t % 2], recT[c], t)  # (3w, N)
             ax = ax_all[t]
             for g in range(3):
                 transpose_into(ah[:, g * H + j0:g * H + j1], rT[g * w:(g + 1) * w])

@@ -117,7 +117,7 @@ def _recur_part(t, c, nc, hs, cs, acts, Whh, bias, hT, recT, rec):
     N, H = hs.shape[1], hs.shape[2]
     j0, j1 = chunk(c, nc, H)
     w = j1 - j0
-    rT = gate_product(Whh, 4, j0, j1, hT[t % 2], recT[c])  # (4w, N)
+    rT = gate_product(Whh, 4, j0, j1, hT[t % 2], recT[c], t)  # (4w, N)
     _lstm_cell_units(hs[t + 1], cs[t + 1], acts[t], rT, rec[c, :N * 4 * w].reshape(N, 4 * w),
                      bias, cs[t], H, j0, j1)
     transpose_into(hT[(t + 1) % 2, j0:j1], hs[t + 1, :, j0:j1])

@@ -41,7 +41,7 @@ def _rnn_recur_by_units(hs, acts, Whh, bias, nc):
         for c in prange(nc):
             j0, j1 = chunk(c, nc, H)
             w = j1 - j0
-            rT = gate_product(Whh, 1, j0, j1, hT[t % 2], recT[c])  # (w, N)
+            rT = gate_product(Whh, 1, j0, j1, hT[t % 2], recT[c], t)  # (w, N)
             for n in range(N):
                 a = acts[t, n, j0:j1]
                 ho = hs[t + 1, n, j0:j1]
