@@ -69,7 +69,7 @@ def cached(dispatcher, dtype) -> bool:
 # draw, the parallel decoder); then it waits for the child and compiles stack_sample itself, loading
 # _stack_step from the cache. The child is told the argument types only (small arrays of those types:
 # the shapes do not matter to a compiled kernel), the types stack_sample passes
-# (tests/test_precompile.py checks they are).
+# (tests/test_compile.py checks they are).
 
 def _sampler_arrays(dtype: str, store: str) -> dict:
     """Small arrays of the types stack_sample hands its callees: the model's dtype for states and
