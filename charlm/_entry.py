@@ -14,12 +14,13 @@ import signal
 import sys
 import threading
 
-from .runtime import exit_now, gc_on
+from .runtime import exit_now, gc_on, mark_spawn_safe
 
 START_UP_S = 1.5
 
 
 def main() -> None:
+    mark_spawn_safe()  # compile children (charlm.lm.precompile) may start: this module runs nothing on import
     gc.disable()
     timer = threading.Timer(START_UP_S, gc_on)
     timer.daemon = True

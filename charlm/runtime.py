@@ -289,6 +289,30 @@ def _nested(owner):
         owner.depth -= 1
 
 
+_SPAWN_SAFE = False  # set by the charlm command (charlm._entry): its main module is guarded
+
+
+def mark_spawn_safe() -> None:
+    """This program's main module does nothing when imported as another name (the `charlm` command)."""
+    global _SPAWN_SAFE
+    _SPAWN_SAFE = True
+
+
+def spawn_safe() -> bool:
+    """Whether a child process started with multiprocessing's `spawn` leaves this program's own code alone.
+    Such a child first imports the parent's main script under another name: a library user's script
+    without an `if __name__ == "__main__":` guard would run again in it, printing and writing as the
+    parent does. Safe: the `charlm` command, `python -m <package>` (multiprocessing does not import a
+    package's __main__), an interactive session (no main file)."""
+    if _SPAWN_SAFE:
+        return True
+    main = sys.modules.get("__main__")
+    if getattr(main, "__file__", None) is None:
+        return True
+    spec = getattr(main, "__spec__", None)
+    return spec is not None and spec.name.endswith(".__main__")
+
+
 def cores_taken(threads: int, reads: int = 5, gap: float = 0.001) -> bool:
     """Whether other processes' runnable threads leave fewer than `threads` of this process's cores
     free right now: the instantaneous count of runnable threads in /proc/loadavg (the fourth field;

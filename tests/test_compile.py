@@ -172,6 +172,7 @@ def test_a_first_sample_and_score_compile_in_two_processes_with_the_same_results
         monkeypatch.setattr(cls, "finish", finish)
     monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: False)
     monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: False)
+    monkeypatch.setattr(runtime, "spawn_safe", lambda: True)  # pytest's own script is guarded
     results = []
     for split in (True, False):
         model, vocab = _model()
@@ -191,6 +192,7 @@ def test_a_first_sample_and_score_compile_in_two_processes_with_the_same_results
 def test_no_split_on_one_thread_a_busy_machine_or_a_warm_cache(monkeypatch):
     from charlm import runtime
     model, _ = _model()
+    monkeypatch.setattr(runtime, "spawn_safe", lambda: True)
     monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: False)
     monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: True)
     with compute_threads(2):
@@ -231,6 +233,7 @@ def test_training_warm_up_waits_for_the_backward_child_before_the_first_backward
             return 0.0
     monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: False)
     monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: False)
+    monkeypatch.setattr(runtime, "spawn_safe", lambda: True)
     monkeypatch.setattr(precompile, "Background", lambda *a: events.append(("start", a[1:])) or Child())
     monkeypatch.setattr(Model, "layer_backward", lambda self, *a: events.append("backward") or real_backward(self, *a))
     cfg = ModelConfig(cell="lstm", embed=4, hidden=16, layers=1)
@@ -251,3 +254,28 @@ def test_the_backward_split_compiles_the_signature_charlm_grads_calls(monkeypatc
     with compute_threads(2):
         grads.warm_up(model)
     assert model._bwd.signatures == [precompile._signature(precompile._backward_args("float64"))]
+
+
+def test_no_child_where_it_would_run_the_users_script_again(monkeypatch, tmp_path):
+    """A spawned child imports the parent's main script under another name: a library user's script without
+    an `if __name__ == "__main__":` guard would run again in it. No child then (the parent compiles alone);
+    the `charlm` command marks itself safe, and `python -m <package>` and interactive sessions are."""
+    import subprocess
+    import sys
+    from charlm import runtime
+    script = tmp_path / "user.py"
+    script.write_text("import charlm.runtime as r\nprint(r.spawn_safe())\nr.mark_spawn_safe()\nprint(r.spawn_safe())\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
+    out = subprocess.run([sys.executable, "-c", "import charlm.runtime as r; print(r.spawn_safe())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True"]
+    model, vocab = _model()
+    monkeypatch.setattr(runtime, "spawn_safe", lambda: False)
+    monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: False)
+    monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: False)
+    with compute_threads(2):
+        assert precompile.sampler_split(model, "float32") is None
+        assert precompile.forward_split(model) is None
+        assert precompile.backward_split(model) is None
+        assert warmup.sampler_in_background(model, vocab) is None

@@ -22,7 +22,8 @@ import time
 
 
 class Background:
-    """One child process running target(*args); wait() joins it and returns the seconds waited."""
+    """One child process running target(*args); wait() joins it and returns the seconds waited. Start
+    one only where runtime.spawn_safe() (every caller here checks it first)."""
 
     def __init__(self, target, *args):
         ctx = multiprocessing.get_context("spawn")
@@ -116,14 +117,15 @@ class SamplerSplit:
 
 def sampler_split(model, precision: str) -> SamplerSplit | None:
     """Start the split compile of model's batch-1 sampler, or None when the cache holds stack_sample for
-    these weights already, or a second core is not free (one thread asked for, several processes under
-    MPI, or other processes' threads running: runtime.cores_taken)."""
+    these weights already, a second core is not free (one thread asked for, several processes under
+    MPI, or other processes' threads running: runtime.cores_taken), or a child would run the program's
+    main script again (runtime.spawn_safe: a library user's unguarded script)."""
     import numpy as np
     from .. import dist
     from ..kernels.sample import stack_sample
-    from ..runtime import cores_taken, parts
+    from ..runtime import cores_taken, parts, spawn_safe
     store = "uint16" if precision == "bf16" else model.dtype.name
-    if dist.size() > 1 or parts() < 2 or cached(stack_sample, store) or cores_taken(2):
+    if not spawn_safe() or dist.size() > 1 or parts() < 2 or cached(stack_sample, store) or cores_taken(2):
         return None
     try:
         return SamplerSplit(np.dtype(model.dtype).name, store)
@@ -182,8 +184,8 @@ class ForwardSplit:
 def forward_split(model) -> ForwardSplit | None:
     """Start the split compile of model's forward pass, or None: as sampler_split."""
     from .. import dist
-    from ..runtime import cores_taken, parts
-    if dist.size() > 1 or parts() < 2 or cached(model._fwd, model.dtype) or cores_taken(2):
+    from ..runtime import cores_taken, parts, spawn_safe
+    if not spawn_safe() or dist.size() > 1 or parts() < 2 or cached(model._fwd, model.dtype) or cores_taken(2):
         return None
     try:
         return ForwardSplit(model)
@@ -213,9 +215,10 @@ def backward_split(model) -> Background | None:
     """A child compiling model's backward kernel (RNN / GRU / LSTM), or None: as sampler_split. The caller
     waits for it before the first backward pass."""
     from .. import dist
-    from ..runtime import cores_taken, parts
+    from ..runtime import cores_taken, parts, spawn_safe
     bwd = getattr(model, "_bwd", None)
-    if bwd is None or dist.size() > 1 or parts() < 2 or cached(bwd, model.dtype) or cores_taken(2):
+    if (bwd is None or not spawn_safe() or dist.size() > 1 or parts() < 2 or cached(bwd, model.dtype)
+            or cores_taken(2)):
         return None
     try:
         return Background(_compile_backward, bwd.py_func.__module__, bwd.py_func.__name__, model.dtype.name)

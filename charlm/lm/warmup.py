@@ -19,11 +19,14 @@ def compile_sampler(cfg, vocab, dtype: str, threads: int) -> None:
 
 def sampler_in_background(model, vocab) -> Background | None:
     """Start compiling model's sampler in a child process (see the module docstring), or None if the
-    cache holds it already."""
+    cache holds it already or a child would run the program's main script again (runtime.spawn_safe):
+    then the first sample compiles it."""
     from ..kernels.sample import stack_sample
+    from ..runtime import parts, spawn_safe
+    if not spawn_safe():
+        return None
     if model.cfg.cell != "esn" and model.cfg.softmax == "full" and cached(stack_sample, model.dtype):
         return None
-    from ..runtime import parts
     return Background(compile_sampler, model.cfg, vocab, model.dtype.str, parts())
 
 
