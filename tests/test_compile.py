@@ -125,6 +125,15 @@ def test_no_child_when_the_cache_holds_the_kernel():
     assert not precompile.cached(_fresh(layers.embedding_forward), np.float32)  # no cache at all
 
 
+def _pretend(monkeypatch, *, safe=True, taken=False, cache=False):
+    """The conditions a split looks at: a child may spawn (runtime.spawn_safe), another process holds the
+    second core (runtime.cores_taken), the cache holds the kernel (precompile.cached)."""
+    from charlm import runtime
+    monkeypatch.setattr(runtime, "spawn_safe", lambda: safe)
+    monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: taken)
+    monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: cache)
+
+
 # ------------------------------------------------------------------ a first sample / score: the split compile
 def test_the_sampler_split_compiles_the_signatures_stack_sample_calls(monkeypatch):
     # the child compiles _stack_step, the parent _decode and pick_token, each for types it is told; if
@@ -161,7 +170,6 @@ def test_the_forward_split_compiles_the_signature_the_forward_calls(cell):
 def test_a_first_sample_and_score_compile_in_two_processes_with_the_same_results(monkeypatch):
     """From an empty cache (here: pretended) the child compiles its kernel (or loads it: the test's cache
     is warm) and exits cleanly; the parent's results are those of a model that never split."""
-    from charlm import runtime
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 threads")
     exits = []
@@ -170,9 +178,7 @@ def test_a_first_sample_and_score_compile_in_two_processes_with_the_same_results
             _orig(self)
             exits.append((type(self).__name__, self.child.proc.exitcode))
         monkeypatch.setattr(cls, "finish", finish)
-    monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: False)
-    monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: False)
-    monkeypatch.setattr(runtime, "spawn_safe", lambda: True)  # pytest's own script is guarded
+    _pretend(monkeypatch)  # (pytest's own script is guarded: spawning is safe here)
     results = []
     for split in (True, False):
         model, vocab = _model()
@@ -190,19 +196,16 @@ def test_a_first_sample_and_score_compile_in_two_processes_with_the_same_results
 
 
 def test_no_split_on_one_thread_a_busy_machine_or_a_warm_cache(monkeypatch):
-    from charlm import runtime
     model, _ = _model()
-    monkeypatch.setattr(runtime, "spawn_safe", lambda: True)
-    monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: False)
-    monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: True)
+    _pretend(monkeypatch, cache=True)
     with compute_threads(2):
         assert precompile.sampler_split(model, "float32") is None
         assert precompile.forward_split(model) is None
-    monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: False)
+    _pretend(monkeypatch)
     with compute_threads(1):
         assert precompile.sampler_split(model, "float32") is None
         assert precompile.forward_split(model) is None
-    monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: True)
+    _pretend(monkeypatch, taken=True)
     with compute_threads(2):
         assert precompile.sampler_split(model, "float32") is None
         assert precompile.forward_split(model) is None
@@ -221,7 +224,6 @@ def test_the_backward_split_compiles_the_signature_training_calls(cell):
 
 
 def test_training_warm_up_waits_for_the_backward_child_before_the_first_backward(monkeypatch, tmp_path):
-    from charlm import runtime
     from charlm.config import TrainConfig
     from charlm.lm.train import train
     events = []
@@ -231,9 +233,7 @@ def test_training_warm_up_waits_for_the_backward_child_before_the_first_backward
         def wait(self):
             events.append("wait")
             return 0.0
-    monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: False)
-    monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: False)
-    monkeypatch.setattr(runtime, "spawn_safe", lambda: True)
+    _pretend(monkeypatch)
     monkeypatch.setattr(precompile, "Background", lambda *a: events.append(("start", a[1:])) or Child())
     monkeypatch.setattr(Model, "layer_backward", lambda self, *a: events.append("backward") or real_backward(self, *a))
     cfg = ModelConfig(cell="lstm", embed=4, hidden=16, layers=1)
@@ -262,7 +262,6 @@ def test_no_child_where_it_would_run_the_users_script_again(monkeypatch, tmp_pat
     the `charlm` command marks itself safe, and `python -m <package>` and interactive sessions are."""
     import subprocess
     import sys
-    from charlm import runtime
     script = tmp_path / "user.py"
     script.write_text("import charlm.runtime as r\nprint(r.spawn_safe())\nr.mark_spawn_safe()\nprint(r.spawn_safe())\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
@@ -271,9 +270,7 @@ def test_no_child_where_it_would_run_the_users_script_again(monkeypatch, tmp_pat
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True"]
     model, vocab = _model()
-    monkeypatch.setattr(runtime, "spawn_safe", lambda: False)
-    monkeypatch.setattr(runtime, "cores_taken", lambda threads, reads=3: False)
-    monkeypatch.setattr(precompile, "cached", lambda dispatcher, dtype: False)
+    _pretend(monkeypatch, safe=False)
     with compute_threads(2):
         assert precompile.sampler_split(model, "float32") is None
         assert precompile.forward_split(model) is None
